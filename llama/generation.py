@@ -1,0 +1,325 @@
+"""Llama: build a model from a checkpoint, then generate, complete text and chat.
+
+This is the one module that wires the pieces: device, process group, checkpoint, model,
+tokenizer, sampling and the chat template.
+"""
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import TypedDict
+
+import torch
+
+from llama import parallel
+from llama.chat import Dialog, Message, encode_dialog
+from llama.checkpoint import load_checkpoint
+from llama.device import resolve_device, resolve_dtype
+from llama.model import Transformer
+from llama.sampling import next_token
+from llama.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class CompletionPrediction(TypedDict, total=False):
+    generation: str
+    tokens: list[str]  # not required
+    logprobs: list[float]  # not required
+
+
+class ChatPrediction(TypedDict, total=False):
+    generation: Message
+    tokens: list[str]  # not required
+    logprobs: list[float]  # not required
+
+
+def _describe_keys(keys) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+
+
+def check_state_dict(model: torch.nn.Module, state_dict: dict, source: str) -> None:
+    """Raise ValueError naming missing, unexpected or mis-shaped keys."""
+    expected = model.state_dict()
+    missing = expected.keys() - state_dict.keys()
+    unexpected = state_dict.keys() - expected.keys()
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_describe_keys(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_describe_keys(unexpected)}")
+        raise ValueError(f"checkpoint {source!r} does not match the model ({'; '.join(parts)})")
+    for key, tensor in state_dict.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ValueError(
+                f"checkpoint {source!r}: {key} has shape {tuple(tensor.shape)} but params give "
+                f"{tuple(expected[key].shape)}; params.json does not match the weights"
+            )
+
+
+def move_state_dict(state_dict: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """Each floating tensor to device/dtype, one at a time; tied tensors stay tied."""
+    moved: dict[int, torch.Tensor] = {}
+    out = {}
+    for key, t in state_dict.items():
+        if id(t) not in moved:
+            moved[id(t)] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        out[key] = moved[id(t)]
+    return out
+
+
+class Llama:
+    @staticmethod
+    def build(
+        ckpt_dir: str,
+        tokenizer_path: str,
+        max_seq_len: int,
+        max_batch_size: int,
+        model_parallel_size: int | None = None,
+        seed: int = 1,
+        device: str = "auto",
+        dtype: str = "auto",
+    ) -> "Llama":
+        """Load a checkpoint and tokenizer and return a ready Llama.
+
+        Args:
+            ckpt_dir: checkpoint directory (Meta's params.json + consolidated.NN.pth).
+            tokenizer_path: the sentencepiece tokenizer.model.
+            max_seq_len: longest prompt + generation the KV cache holds.
+            max_batch_size: rows decoded together; larger batches run in chunks.
+            model_parallel_size: number of model-parallel ranks; defaults to torchrun's WORLD_SIZE.
+            seed: seed of the sampler, the same on every rank.
+            device: "auto" (the local rank's CUDA GPU, then MPS, then CPU), or a torch device name.
+            dtype: "auto", "float32", "float16" or "bfloat16".
+        """
+        start = time.time()
+        if max_seq_len < 1 or max_batch_size < 1:
+            raise ValueError(f"max_seq_len={max_seq_len} and max_batch_size={max_batch_size} must be >= 1")
+        dev = resolve_device(device, parallel.local_rank())
+        if isinstance(dtype, str):
+            resolve_dtype(dtype, dev)  # reject an unknown name before any work
+        rank, world = parallel.setup(model_parallel_size, dev)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        torch.manual_seed(seed)
+
+        tokenizer = Tokenizer(tokenizer_path)
+        args, state_dict = load_checkpoint(ckpt_dir, rank, world)
+        n_vocab = state_dict["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in state_dict else None
+        if args.vocab_size == -1:
+            args.vocab_size = n_vocab or tokenizer.n_words
+        if tokenizer.n_words != args.vocab_size or (n_vocab and n_vocab != args.vocab_size):
+            raise ValueError(
+                f"tokenizer {tokenizer_path!r} has {tokenizer.n_words} words but the checkpoint "
+                f"has a vocabulary of {n_vocab or args.vocab_size}; pass the tokenizer.model that "
+                "came with this checkpoint as --tokenizer_path"
+            )
+        args.max_seq_len, args.max_batch_size = max_seq_len, max_batch_size
+        n_params = sum(t.numel() for t in state_dict.values()) * world
+        dt = resolve_dtype(dtype, dev, n_params)
+
+        with torch.device("meta"):
+            model = Transformer(args)
+        check_state_dict(model, state_dict, ckpt_dir)
+        model.load_state_dict(move_state_dict(state_dict, dev, dt), strict=True, assign=True)
+        del state_dict
+        model.requires_grad_(False).eval()
+        model.setup_caches(max_batch_size, max_seq_len)
+        log.info("loaded in %.2f s: %s on %s as %s", time.time() - start, ckpt_dir, dev, dt)
+        return Llama(model, tokenizer)
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_embeddings.weight.device
+
+    # ------------------------------------------------------------------ token generation
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_tokens: list[list[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        echo: bool = False,
+        stop_token_ids: list[int] | None = None,
+        seed: int | None = None,
+    ) -> tuple[list[list[int]], list[list[float]] | None]:
+        """Generate up to max_gen_len tokens after each prompt.
+
+        Returns (tokens, logprobs) per prompt, as Meta's `generate` does. Generation of a
+        row stops at EOS or any of `stop_token_ids` (not included in the output).
+        With `echo`, the prompt tokens (and their logprobs; 0.0 for the first) come first.
+        Batches larger than max_batch_size run in chunks. `seed` seeds this call's sampler.
+        """
+        out_tokens: list[list[int]] = []
+        out_logprobs: list[list[float]] = []
+        for rows in self.stream_tokens(prompt_tokens, max_gen_len, temperature, top_p,
+                                       logprobs, echo, stop_token_ids, seed):
+            pass
+        for row in rows:
+            out_tokens.append(row["tokens"])
+            out_logprobs.append(row["logprobs"])
+        return out_tokens, (out_logprobs if logprobs else None)
+
+    @torch.inference_mode()
+    def stream_tokens(
+        self,
+        prompt_tokens: list[list[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        echo: bool = False,
+        stop_token_ids: list[int] | None = None,
+        seed: int | None = None,
+    ) -> Iterator[list[dict]]:
+        """Like generate, but yields the state of every row after each decoding step.
+
+        Each row is a dict with "tokens", "logprobs" (as generate returns them) and "done".
+        """
+        self._check_prompts(prompt_tokens, max_gen_len)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        stop = {self.tokenizer.eos_id, *(stop_token_ids or [])} - {-1}
+        bs = self.model.max_batch_size
+        finished: list[dict] = []
+        for i in range(0, len(prompt_tokens), bs):
+            chunk = prompt_tokens[i : i + bs]
+            for rows in self._generate_batch(chunk, max_gen_len, temperature, top_p,
+                                             logprobs, echo, stop, generator):
+                yield finished + rows
+            finished = finished + rows
+
+    def _check_prompts(self, prompt_tokens: list[list[int]], max_gen_len: int) -> None:
+        if not prompt_tokens:
+            raise ValueError("no prompts given")
+        if max_gen_len < 0:
+            raise ValueError(f"max_gen_len={max_gen_len} must be >= 0")
+        max_seq_len, vocab = self.model.max_seq_len, self.model.vocab_size
+        for i, p in enumerate(prompt_tokens):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} has no tokens; encode it with bos=True")
+            if len(p) > max_seq_len or (len(p) == max_seq_len and max_gen_len > 0):
+                raise ValueError(
+                    f"prompt {i} has {len(p)} tokens, which leaves no room to generate within "
+                    f"max_seq_len={max_seq_len}; raise --max_seq_len or shorten the prompt"
+                )
+            bad = [t for t in p if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt {i} has token ids {bad[:5]} outside the vocabulary 0..{vocab - 1}")
+
+    def _generate_batch(self, prompts, max_gen_len, temperature, top_p, logprobs, echo, stop, generator):
+        """Prefill all prompts in one forward, then decode; yields the rows after every step."""
+        model, dev = self.model, self.device
+        bsz = len(prompts)
+        lens = [len(p) for p in prompts]
+        budgets = [min(max_gen_len, model.max_seq_len - n) for n in lens]
+        # Right-padded prompts; the filler is a valid id that attention never sees (causal mask).
+        tokens = torch.zeros((bsz, max(lens)), dtype=torch.long, device=dev)
+        for b, p in enumerate(prompts):
+            tokens[b, : len(p)] = torch.tensor(p, dtype=torch.long, device=dev)
+        last = torch.tensor(lens, device=dev) - 1
+        rows = [{"tokens": list(p) if echo else [], "logprobs": [], "done": budgets[b] == 0}
+                for b, p in enumerate(prompts)]
+
+        if logprobs and echo:
+            logits = model(tokens, 0)  # (b, s, vocab)
+            lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, tokens[:, 1:, None])[..., 0]
+            for b, n in enumerate(lens):
+                rows[b]["logprobs"] = [0.0] + lp[b, : n - 1].tolist()
+            logits = logits[torch.arange(bsz, device=dev), last]  # (b, vocab)
+        elif max_gen_len > 0:
+            logits = model(tokens, 0, logits_pos=last)[:, 0]  # (b, vocab)
+
+        if all(r["done"] for r in rows):
+            yield rows
+            return
+        pos = last + 1  # where each row's next token goes, (b,)
+        n_gen = [0] * bsz
+        for _ in range(max(budgets)):
+            if not torch.isfinite(logits).all():
+                raise FloatingPointError(
+                    f"the model produced NaN/inf logits in {model.tok_embeddings.weight.dtype}; "
+                    "try --dtype float32 or bfloat16"
+                )
+            cur = next_token(logits, temperature, top_p, generator)  # (b,)
+            if logprobs:
+                lp = torch.log_softmax(logits, dim=-1).gather(-1, cur[:, None])[:, 0].tolist()
+            for b, t in enumerate(cur.tolist()):
+                r = rows[b]
+                if r["done"]:
+                    continue
+                if t in stop:
+                    r["done"] = True
+                    continue
+                r["tokens"].append(t)
+                if logprobs:
+                    r["logprobs"].append(lp[b])
+                n_gen[b] += 1
+                r["done"] = n_gen[b] >= budgets[b]
+            yield rows
+            if all(r["done"] for r in rows):
+                return
+            # Finished rows are frozen: their (ignored) step rewrites a slot they no longer read.
+            done = torch.tensor([r["done"] for r in rows], device=dev)
+            step_pos = torch.where(done, last, pos)
+            logits = model(cur[:, None], step_pos)[:, 0]  # (b, vocab)
+            pos = torch.where(done, pos, pos + 1)
+
+    # ------------------------------------------------------------------ text
+
+    def text_completion(
+        self,
+        prompts: list[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | None = None,
+        logprobs: bool = False,
+        echo: bool = False,
+        stop_token_ids: list[int] | None = None,
+        seed: int | None = None,
+    ) -> list[CompletionPrediction]:
+        """Complete each prompt; max_gen_len defaults to max_seq_len - 1."""
+        if max_gen_len is None:
+            max_gen_len = self.model.max_seq_len - 1
+        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs,
+                                    echo, stop_token_ids, seed)
+        return [self._prediction(t, lps[i] if logprobs else None) for i, t in enumerate(tokens)]
+
+    def chat_completion(
+        self,
+        dialogs: list[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | None = None,
+        logprobs: bool = False,
+        seed: int | None = None,
+    ) -> list[ChatPrediction]:
+        """Answer each dialog as the assistant, using the Llama 2 chat template."""
+        if max_gen_len is None:
+            max_gen_len = self.model.max_seq_len - 1
+        prompt_tokens = [encode_dialog(self.tokenizer, d) for d in dialogs]  # validates first
+        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs,
+                                    seed=seed)
+        out = []
+        for i, t in enumerate(tokens):
+            pred = self._prediction(t, lps[i] if logprobs else None)
+            out.append({**pred, "generation": {"role": "assistant", "content": pred["generation"]}})
+        return out
+
+    def _prediction(self, tokens: list[int], logprobs: list[float] | None) -> dict:
+        pred = {"generation": self.tokenizer.decode(tokens)}
+        if logprobs is not None:
+            pred["tokens"] = [self.tokenizer.decode([t]) for t in tokens]
+            pred["logprobs"] = logprobs
+        return pred

@@ -1,0 +1,45 @@
+"""Tokenizer: a thin wrapper over a sentencepiece model, with Meta's method names."""
+
+import logging
+import os
+
+from sentencepiece import SentencePieceProcessor
+
+log = logging.getLogger(__name__)
+
+
+class Tokenizer:
+    """Encodes and decodes text with a sentencepiece `tokenizer.model`."""
+
+    def __init__(self, model_path: str):
+        if not os.path.isfile(model_path):
+            raise FileNotFoundError(f"tokenizer file {model_path!r} not found; pass --tokenizer_path")
+        self.sp_model = SentencePieceProcessor()
+        try:
+            self.sp_model.Load(model_path)
+        except (RuntimeError, OSError) as e:
+            raise ValueError(
+                f"{model_path!r} is not a sentencepiece model ({e}); pass the tokenizer.model "
+                "that came with the checkpoint as --tokenizer_path"
+            ) from None
+        self.n_words: int = self.sp_model.vocab_size()
+        self.bos_id: int = self.sp_model.bos_id()
+        self.eos_id: int = self.sp_model.eos_id()
+        self.pad_id: int = self.sp_model.pad_id()
+        log.debug("tokenizer %s: %d words, bos %d, eos %d", model_path, self.n_words, self.bos_id, self.eos_id)
+
+    def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
+        """Token ids of s, with BOS and/or EOS added."""
+        t = self.sp_model.encode(s)
+        if bos:
+            t = [self.bos_id] + t
+        if eos:
+            t = t + [self.eos_id]
+        return t
+
+    def decode(self, t: list[int]) -> str:
+        """Text of the token ids t."""
+        return self.sp_model.decode(list(t))
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp_model.id_to_piece(i)
