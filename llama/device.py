@@ -8,11 +8,19 @@ DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
 
-# On CPU, fp16 matrix-vector products stream weights about twice as fast as fp32 on the
-# machines we measured (see README), but tiny models are dominated by per-op overhead and
-# lose accuracy, so "auto" keeps fp32 on CPU unless the model is large enough to be
-# bandwidth-bound: see resolve_dtype(..., n_params).
+# CPU "auto", from benchmarks/RESULTS.md: models this small are bound by per-op overhead, not
+# memory bandwidth, so they keep fp32 (exact, and no slower). Bigger models use bf16 where the
+# CPU has native bf16 (oneDNN: AVX512-BF16/AMX), which streamed weights fastest there, also
+# through the int8/int4 kernels (those run at a tenth of the speed with fp32/fp16 inputs);
+# elsewhere fp16 halves the bytes read per token.
 CPU_HALF_MIN_PARAMS = 50_000_000
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
@@ -42,7 +50,8 @@ def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> 
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device, n_params: int = 0) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device, n_params: int = 0,
+                  quantized: bool = False) -> torch.dtype:
     """"auto": bf16 on GPUs that support it, else fp16; on CPU by model size (see above)."""
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -52,7 +61,11 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, n_params: int 
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         if device.type == "mps":
             return torch.float16
-        return torch.float16 if n_params >= CPU_HALF_MIN_PARAMS else torch.float32
+        if n_params < CPU_HALF_MIN_PARAMS:
+            return torch.float32
+        if cpu_has_fast_bf16():
+            return torch.bfloat16
+        return torch.float32 if quantized else torch.float16
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; pass --dtype auto, float32, float16 or bfloat16")
     return DTYPES[name]

@@ -11,10 +11,11 @@ from typing import TypedDict
 
 import torch
 
-from llama import parallel
+from llama import parallel, quantize as quant
 from llama.chat import Dialog, Message, encode_dialog
 from llama.checkpoint import load_checkpoint
 from llama.device import resolve_device, resolve_dtype
+from llama.memory import preflight
 from llama.model import Transformer
 from llama.sampling import next_token
 from llama.tokenizer import Tokenizer
@@ -81,6 +82,10 @@ class Llama:
         seed: int = 1,
         device: str = "auto",
         dtype: str = "auto",
+        quantize: str | None = None,
+        group_size: int = quant.DEFAULT_GROUP_SIZE,
+        compile: bool = False,
+        memory_limit: str | int | None = None,
     ) -> "Llama":
         """Load a checkpoint and tokenizer and return a ready Llama.
 
@@ -92,7 +97,16 @@ class Llama:
             model_parallel_size: number of model-parallel ranks; defaults to torchrun's WORLD_SIZE.
             seed: seed of the sampler, the same on every rank.
             device: "auto" (the local rank's CUDA GPU, then MPS, then CPU), or a torch device name.
-            dtype: "auto", "float32", "float16" or "bfloat16".
+            dtype: "auto", "float32", "float16" or "bfloat16" (of activations, and of weights
+                that are not quantized).
+            quantize: None, "int8" (per output channel) or "int4" (groups of group_size inputs):
+                weight-only quantization of the linear layers while loading. A checkpoint written
+                by `python -m llama.quantize` is loaded as quantized without this.
+            group_size: int4 group size.
+            compile: run the model through torch.compile.
+            memory_limit: bytes or a size like "12GB" to check the build against, instead of
+                the device's free memory. A build that will not fit raises ValueError before
+                loading, listing settings that would fit.
         """
         start = time.time()
         if max_seq_len < 1 or max_batch_size < 1:
@@ -100,6 +114,7 @@ class Llama:
         dev = resolve_device(device, parallel.local_rank())
         if isinstance(dtype, str):
             resolve_dtype(dtype, dev)  # reject an unknown name before any work
+        quant.check_mode(quantize, group_size)
         rank, world = parallel.setup(model_parallel_size, dev)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
@@ -118,16 +133,31 @@ class Llama:
             )
         args.max_seq_len, args.max_batch_size = max_seq_len, max_batch_size
         n_params = sum(t.numel() for t in state_dict.values()) * world
-        dt = resolve_dtype(dtype, dev, n_params)
+        stored = quant.is_quantized(state_dict)
+        if stored and quantize and (quantize != stored or quant.group_size_of(state_dict) != group_size):
+            raise ValueError(f"{ckpt_dir!r} is already quantized ({stored}); leave quantize unset")
+        mode = stored or quantize
+        if stored:
+            group_size = quant.group_size_of(state_dict)
+        dt = resolve_dtype(dtype, dev, n_params, quantized=mode is not None)
+        preflight(args, max_seq_len, max_batch_size, dt, dev, mode, group_size, world, memory_limit)
 
         with torch.device("meta"):
             model = Transformer(args)
+            if mode:
+                quant.convert_linears(model, mode, group_size, dt)
+        if mode and not stored:
+            state_dict = quant.quantize_state_dict(state_dict, mode, group_size, dt, dev)
         check_state_dict(model, state_dict, ckpt_dir)
         model.load_state_dict(move_state_dict(state_dict, dev, dt), strict=True, assign=True)
         del state_dict
+        quant.prepare_for_device(model)
         model.requires_grad_(False).eval()
         model.setup_caches(max_batch_size, max_seq_len)
-        log.info("loaded in %.2f s: %s on %s as %s", time.time() - start, ckpt_dir, dev, dt)
+        if compile:
+            model.compile(mode="reduce-overhead" if dev.type == "cuda" else None)
+        log.info("loaded in %.2f s: %s on %s as %s%s", time.time() - start, ckpt_dir, dev, dt,
+                 f", {mode} weights" if mode else "")
         return Llama(model, tokenizer)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer):

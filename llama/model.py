@@ -70,26 +70,27 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        # x * rsqrt(mean(x^2) + eps) in fp32, as one fused op.
+        return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x) * self.weight
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> torch.Tensor:
-    """cos and sin of every (position, frequency): shape (2, max_seq_len, head_dim // 2), fp32."""
+    """cos and signed sin of every (position, pair), each value repeated for both members of
+    its pair: shape (2, max_seq_len, head_dim), fp32. Row 1 is (-sin, +sin, -sin, ...)."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len, device=device).float(), freqs)
-    return torch.stack([angles.cos(), angles.sin()])
+    angles = torch.outer(torch.arange(max_seq_len, device=device).float(), freqs)  # (seq, d/2)
+    sign = torch.tensor([-1.0, 1.0], device=device)
+    cos = angles.cos().repeat_interleave(2, dim=-1)  # (seq, d)
+    sin = (angles.sin().unsqueeze(-1) * sign).flatten(1)  # (seq, d/2, 2) -> (seq, d)
+    return torch.stack([cos, sin])
 
 
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) by position angles, as Meta's complex RoPE does."""
-    b, s, h, d = x.shape
-    pairs = x.float().view(b, s, h, d // 2, 2)  # (b, s, h, d/2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (b, s, 1, d/2)
-    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
-    return out.flatten(3).type_as(x)  # (b, s, h, d)
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by position angles, as Meta's complex RoPE does:
+    (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin). cos, sin: (b or 1, s, 1, d)."""
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (b, s, h, d): (x1, x0, x3, x2, ...)
+    return (xf * cos + swapped * sin).type_as(x)
 
 
 class KVCache(nn.Module):
@@ -100,12 +101,17 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, kv_len: int):
-        """Write xk, xv (b, s, kv_heads, d) at positions pos (b, s); return keys/values up to kv_len."""
-        b = xk.shape[0]
-        rows = torch.arange(b, device=pos.device).unsqueeze(1)  # (b, 1)
-        self.k[rows, :, pos] = xk  # indexed view is (b, s, kv_heads, d)
-        self.v[rows, :, pos] = xv
+    def update(self, pos: torch.Tensor | int, xk: torch.Tensor, xv: torch.Tensor, kv_len: int):
+        """Write xk, xv (b, s, kv_heads, d) at positions pos (b, s), or at pos..pos+s-1 in every
+        row when pos is an int; return keys/values up to kv_len."""
+        b, s = xk.shape[:2]
+        if isinstance(pos, int):
+            self.k[:b, :, pos : pos + s] = xk.transpose(1, 2)  # (b, kv_heads, s, d)
+            self.v[:b, :, pos : pos + s] = xv.transpose(1, 2)
+        else:
+            rows = torch.arange(b, device=pos.device).unsqueeze(1)  # (b, 1)
+            self.k[rows, :, pos] = xk  # indexed view is (b, s, kv_heads, d)
+            self.v[rows, :, pos] = xv
         return self.k[:b, :, :kv_len], self.v[:b, :, :kv_len]  # (b, kv_heads, kv_len, d)
 
 
@@ -207,19 +213,27 @@ class Transformer(nn.Module):
         With logits_pos (b,), only the logits at that position of each row: (b, 1, vocab).
         """
         bsz, seqlen = tokens.shape
-        offsets = torch.arange(seqlen, device=tokens.device)
         if isinstance(start_pos, torch.Tensor):
-            pos = start_pos.view(bsz, 1) + offsets  # (b, s)
-            kv_len = int(start_pos.max()) + seqlen
+            lo, hi = start_pos.aminmax()
+            lo, hi = int(lo), int(hi)
+            if lo == hi:  # every row at the same position: the cheaper int path below
+                start_pos = lo
+        if isinstance(start_pos, torch.Tensor):
+            pos = start_pos.view(bsz, 1) + torch.arange(seqlen, device=tokens.device)  # (b, s)
+            kv_len = hi + seqlen
+            cos, sin = self.rope[:, pos].unsqueeze(3)  # (2, b, s, 1, d)
         else:
-            pos = (start_pos + offsets).expand(bsz, seqlen)  # (b, s)
+            pos = start_pos
             kv_len = start_pos + seqlen
+            cos, sin = self.rope[:, start_pos:kv_len, None]  # (2, s, 1, d)
         assert bsz <= self.max_batch_size and kv_len <= self.max_seq_len, "setup_caches too small"
-        cos, sin = self.rope[0][pos], self.rope[1][pos]  # (b, s, d/2)
         mask = None
-        if seqlen > 1 or isinstance(start_pos, torch.Tensor):
+        if seqlen > 1 or isinstance(pos, torch.Tensor):
             keys = torch.arange(kv_len, device=tokens.device)
-            mask = (keys <= pos.unsqueeze(-1)).unsqueeze(1)  # (b, 1, s, kv_len)
+            if isinstance(pos, int):
+                mask = keys <= (pos + torch.arange(seqlen, device=tokens.device)).unsqueeze(-1)  # (s, kv_len)
+            else:
+                mask = (keys <= pos.unsqueeze(-1)).unsqueeze(1)  # (b, 1, s, kv_len)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, pos, cos, sin, mask, kv_len)

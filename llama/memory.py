@@ -1,0 +1,207 @@
+"""Memory preflight: how much a build will take, and whether it fits, before loading anything.
+
+The estimate is arithmetic on ModelArgs (no weights needed):
+  weights   every tensor at its dtype or quantized size, divided among model-parallel ranks
+  KV cache  max_batch_size x max_seq_len x n_layers x 2 x kv_heads x head_dim x bytes
+  working   activations of one prefill of max_batch_size x max_seq_len tokens, logits, the
+            largest quantization temporary, and the runtime itself (PyTorch on CPU)
+Print it from the shell with `python -m llama.memory --ckpt_dir DIR --max_seq_len N ...`.
+"""
+
+import dataclasses
+import logging
+import os
+import re
+
+import torch
+
+from llama.model import ModelArgs
+
+log = logging.getLogger(__name__)
+
+GB = 1e9
+# Resident memory of Python + PyTorch + the tokenizer on CPU before any tensor (measured: ~0.35 GB).
+CPU_RUNTIME_BYTES = 0.4 * GB
+# Rows x in_features of the fp32 chunk quantize.py works on, times the temporaries alive at once.
+QUANT_TEMP_BYTES = 3 * 4 * (1 << 24)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+@dataclasses.dataclass
+class MemoryEstimate:
+    """Bytes one rank needs; `total` is what is compared with the free memory."""
+
+    weights: int
+    kv_cache: int
+    working: int
+    dtype: torch.dtype
+    quantize: str | None
+    world_size: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.working
+
+    def describe(self) -> str:
+        what = self.quantize or str(self.dtype).replace("torch.", "")
+        per = " per rank" if self.world_size > 1 else ""
+        return (f"{fmt(self.total)}{per} (weights {fmt(self.weights)} {what}, KV cache {fmt(self.kv_cache)}, "
+                f"working {fmt(self.working)})")
+
+
+def fmt(n: float) -> str:
+    return f"{n / GB:.2f} GB"
+
+
+def parse_size(limit: str | int | float) -> int:
+    """"12GB", "12 GiB", "800MB" or a number of bytes -> bytes."""
+    if isinstance(limit, (int, float)):
+        return int(limit)
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(limit))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"memory_limit={limit!r} is not a size; write it like '12GB' or '800MiB'")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _linear_bytes(out_f: int, in_f: int, dtype_bytes: int, quantize: str | None, group_size: int) -> int:
+    if quantize == "int4" and in_f % group_size == 0:
+        return out_f * in_f // 2 + 2 * out_f * (in_f // group_size) * dtype_bytes
+    if quantize in ("int8", "int4"):
+        return out_f * in_f + out_f * dtype_bytes
+    return out_f * in_f * dtype_bytes
+
+
+def weight_bytes(args: ModelArgs, dtype: torch.dtype, quantize: str | None = None,
+                 group_size: int = 32, world_size: int = 1) -> int:
+    """Bytes of one rank's weights (linears split across ranks, norms replicated)."""
+    b = torch.finfo(dtype).bits // 8
+    mp = world_size
+    dim, hidden, kv = args.dim, args.ffn_hidden_dim, args.kv_heads * args.head_dim
+    linears = [(dim, dim), (kv, dim), (kv, dim), (dim, dim), (hidden, dim), (hidden, dim), (dim, hidden)]
+    # Column-parallel layers split their outputs, row-parallel ones (wo, w2) their inputs.
+    split = [(o // mp, i) for o, i in linears[:3]] + [(o, i // mp) for o, i in linears[3:4]]
+    split += [(o // mp, i) for o, i in linears[4:6]] + [(o, i // mp) for o, i in linears[6:]]
+    per_layer = sum(_linear_bytes(o, i, b, quantize, group_size) for o, i in split) + 2 * dim * b
+    embed = args.vocab_size * dim // mp * b
+    output = _linear_bytes(args.vocab_size // mp, dim, b, quantize, group_size)
+    return args.n_layers * per_layer + embed + output + dim * b
+
+
+def estimate(args: ModelArgs, max_seq_len: int, max_batch_size: int, dtype: torch.dtype,
+             quantize: str | None = None, group_size: int = 32, world_size: int = 1,
+             device_type: str = "cpu") -> MemoryEstimate:
+    """Estimate one rank's memory for a build with these settings (see the module docstring)."""
+    b = torch.finfo(dtype).bits // 8
+    kv_dim = args.kv_heads * args.head_dim // world_size
+    kv_cache = 2 * args.n_layers * max_batch_size * max_seq_len * kv_dim * b
+    tokens = max_batch_size * max_seq_len
+    # Prefill temporaries: hidden state, q/k/v, rotary fp32 copies, the feed-forward's three
+    # hidden-wide tensors and the attention mask; plus fp32 logits of every row.
+    acts = tokens * (6 * args.dim * 4 + 3 * args.ffn_hidden_dim // world_size * b + max_seq_len)
+    logits = 2 * max_batch_size * args.vocab_size * 4
+    working = acts + logits + (QUANT_TEMP_BYTES if quantize else 0)
+    if device_type == "cpu":
+        working += int(CPU_RUNTIME_BYTES)
+    return MemoryEstimate(weight_bytes(args, dtype, quantize, group_size, world_size), kv_cache,
+                          int(working), dtype, quantize, world_size)
+
+
+def available_bytes(device: torch.device) -> tuple[int | None, str]:
+    """Free memory of the device, and where the number came from; (None, why) if unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free, f"free memory of {device}"
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+                        return int(line.split()[1]) * 1024 // ranks, "available RAM (/proc/meminfo)"
+        except OSError:
+            pass
+        return None, "available RAM is unknown on this system"
+    return None, f"free memory of {device.type} is unknown"
+
+
+def alternatives(args: ModelArgs, max_seq_len: int, max_batch_size: int, dtype: torch.dtype,
+                 quantize: str | None, group_size: int, world_size: int, device_type: str,
+                 limit: int) -> list[str]:
+    """Changes of one setting (or two) that bring the estimate under limit, cheapest first."""
+    def fits(**kw):
+        cfg = dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size, dtype=dtype, quantize=quantize,
+                   group_size=group_size, world_size=world_size, device_type=device_type) | kw
+        e = estimate(args, **cfg)
+        return e if e.total <= limit else None
+
+    found = []
+    for q in ("int8", "int4"):
+        if q != quantize and (q == "int4" or quantize is None) and (e := fits(quantize=q)):
+            found.append(f"quantize='{q}' ({fmt(e.total)})")
+    if max_batch_size > 1 and (e := fits(max_batch_size=1)):
+        found.append(f"max_batch_size=1 ({fmt(e.total)})")
+    seq = max_seq_len // 2
+    while seq >= 128:
+        if e := fits(max_seq_len=seq):
+            found.append(f"max_seq_len={seq} ({fmt(e.total)})")
+            break
+        seq //= 2
+    if device_type == "cuda":
+        for mp in (2, 4, 8):
+            if mp > world_size and args.n_heads % mp == 0 and args.kv_heads % mp == 0 and (e := fits(world_size=mp)):
+                found.append(f"torchrun --nproc_per_node {mp} ({fmt(e.total)} per GPU)")
+                break
+    if not found:
+        for q in ("int8", "int4"):
+            if (e := fits(quantize=q, max_batch_size=1, max_seq_len=min(max_seq_len, 512))):
+                found.append(f"quantize='{q}' with max_batch_size=1 and max_seq_len<=512 ({fmt(e.total)})")
+                break
+    return found
+
+
+def preflight(args: ModelArgs, max_seq_len: int, max_batch_size: int, dtype: torch.dtype,
+              device: torch.device, quantize: str | None = None, group_size: int = 32,
+              world_size: int = 1, memory_limit: str | int | None = None) -> MemoryEstimate:
+    """Raise ValueError (listing settings that would fit) if the build will not fit; else the estimate."""
+    est = estimate(args, max_seq_len, max_batch_size, dtype, quantize, group_size, world_size, device.type)
+    if memory_limit is not None:
+        limit, source = parse_size(memory_limit), f"memory_limit={memory_limit!r}"
+    else:
+        limit, source = available_bytes(device)
+    log.info("memory estimate: %s; %s: %s", est.describe(), source, fmt(limit) if limit else "unknown")
+    if limit is None or est.total <= limit:
+        return est
+    options = alternatives(args, max_seq_len, max_batch_size, dtype, quantize, group_size, world_size,
+                           device.type, limit)
+    advice = ("; settings that fit: " + ", ".join(options)) if options else "; no single setting fits, use a bigger machine"
+    raise ValueError(f"this model needs about {est.describe()} but {source} is {fmt(limit)}{advice}")
+
+
+def main(ckpt_dir: str, max_seq_len: int = 2048, max_batch_size: int = 1, dtype: str = "float16",
+         quantize: str | None = None, group_size: int = 32, model_parallel_size: int = 1,
+         vocab_size: int = 32000, device: str = "cpu", memory_limit: str | None = None) -> None:
+    """Print the memory a build would take, reading only params.json."""
+    from llama.checkpoint import read_params
+    from llama.device import resolve_device, resolve_dtype
+
+    args = read_params(ckpt_dir)
+    if args.vocab_size <= 0:
+        args.vocab_size = vocab_size
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    est = estimate(args, max_seq_len, max_batch_size, dt, quantize, group_size, model_parallel_size, dev.type)
+    print(f"{ckpt_dir}: {est.describe()}")
+    limit, source = (parse_size(memory_limit), "memory_limit") if memory_limit else available_bytes(dev)
+    if limit:
+        verdict = "fits" if est.total <= limit else "does NOT fit"
+        print(f"{source}: {fmt(limit)} -> {verdict}")
+        if est.total > limit:
+            print("settings that fit: " + ", ".join(alternatives(
+                args, max_seq_len, max_batch_size, dt, quantize, group_size, model_parallel_size, dev.type, limit)))
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)

@@ -1,0 +1,366 @@
+"""Weight-only int8 and int4 quantization of the linear layers, applied tensor by tensor.
+
+int8: symmetric, one scale per output channel: w ~= q * scale, q in [-127, 127].
+int4: asymmetric, one scale and zero per group of `group_size` inputs of a row:
+      w ~= (q - 8) * scale + zero, q in [0, 15] (the convention of PyTorch's int4 kernels).
+
+Checkpoint keys keep Meta's module names; a quantized linear `name` holds
+  name.weight  int8 (out, in), or uint8 (out, in / 2) with two int4 values per byte, low nibble first
+  name.scales  (out,) for int8, (out, in / group_size) for int4
+  name.zeros   (out, in / group_size), int4 only
+Embeddings and norms stay in floating point. This module does not know about files except
+`save_quantized`; `Llama.build(quantize=...)` calls `quantize_state_dict` while loading.
+"""
+
+import ctypes
+import logging
+import mmap
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llama import parallel
+
+log = logging.getLogger(__name__)
+
+MODES = ("int8", "int4")
+# Measured on stories260K and random 110M / 7B shapes (benchmarks/RESULTS.md): 32 keeps
+# perplexity closest to fp32; 64 and 128 cost the same speed with the CPU kernel but more error.
+DEFAULT_GROUP_SIZE = 32
+# Rows quantized at once: bounds the fp32 temporaries of big matrices (the output layer of 7B).
+_CHUNK_ELEMENTS = 1 << 24
+LINEAR_NAMES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
+
+
+def is_linear_key(key: str) -> bool:
+    """True for the `.weight` of a linear layer (the layers that get quantized)."""
+    parts = key.split(".")
+    return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in LINEAR_NAMES
+
+
+def check_mode(mode: str | None, group_size: int) -> None:
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"unknown quantize={mode!r}; pass quantize='int8', 'int4' or None")
+    if mode == "int4" and (group_size < 2 or group_size % 2):
+        raise ValueError(f"group_size={group_size} must be an even number >= 2; try 32, 64 or 128")
+
+
+# ---------------------------------------------------------------------------- tensor math
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 (out, in), scales fp32 (out,)) with w ~= q * scales[:, None]."""
+    qs, scales = [], []
+    for part in _row_chunks(w):
+        wf = part.float()
+        scale = wf.abs().amax(dim=1).clamp(min=1e-10) / 127.0  # (rows,)
+        qs.append(torch.round(wf / scale[:, None]).clamp_(-127, 127).to(torch.int8))
+        scales.append(scale)
+    return torch.cat(qs), torch.cat(scales)
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return q.float() * scales.float()[:, None]
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(packed uint8 (out, in/2), scales (out, groups), zeros (out, groups)), fp32 scales/zeros."""
+    out_f, in_f = w.shape
+    if in_f % group_size:
+        raise ValueError(f"in_features={in_f} is not divisible by group_size={group_size}")
+    packed, scales, zeros = [], [], []
+    for part in _row_chunks(w):
+        g = part.float().reshape(part.shape[0], in_f // group_size, group_size)  # (rows, groups, gs)
+        lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # (rows, groups)
+        scale = ((hi - lo) / 15.0).clamp(min=1e-10)
+        q = torch.round((g - lo.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp_(0, 15).to(torch.uint8)
+        q = q.reshape(part.shape[0], in_f // 2, 2)  # (rows, in/2, 2): pairs of neighbours
+        packed.append(q[..., 0] | (q[..., 1] << 4))
+        scales.append(scale)
+        zeros.append(lo + 8 * scale)
+    return torch.cat(packed), torch.cat(scales), torch.cat(zeros)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 (out, in/2) -> values 0..15 as uint8 (out, in)."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(1)  # (out, in/2, 2) -> (out, in)
+
+
+def dequantize_int4(packed, scales, zeros) -> torch.Tensor:
+    q = unpack_int4(packed).float()
+    out_f, in_f = q.shape
+    groups = scales.shape[1]
+    q = q.view(out_f, groups, in_f // groups)  # (out, groups, gs)
+    w = (q - 8) * scales.float().unsqueeze(-1) + zeros.float().unsqueeze(-1)
+    return w.view(out_f, in_f)
+
+
+def _row_chunks(w: torch.Tensor):
+    rows = max(64, (_CHUNK_ELEMENTS // max(1, w.shape[1])) // 64 * 64)
+    return w.split(rows)
+
+
+# ---------------------------------------------------------------------------- modules
+
+
+def _int4_cpu_kernel_ok(device: torch.device, out_f: int, in_f: int, group_size: int) -> bool:
+    return (device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+            and out_f % 64 == 0 and in_f % group_size == 0 and group_size in (32, 64, 128, 256))
+
+
+class Int8Linear(nn.Module):
+    """y = x (q * scales)^T with q int8 per output channel."""
+
+    def __init__(self, in_features: int, out_features: int, dtype=torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
+        self.parallel: str | None = None  # fairscale communication, set by convert_linears
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _communicate(self.parallel, x, self._local)
+
+    def _local(self, x: torch.Tensor) -> torch.Tensor:
+        # PyTorch's fused int8 kernel reads the int8 weights directly; on CPU it is fast for bf16
+        # inputs only (measured: fp32/fp16 inputs run at a tenth of the speed of dequantizing),
+        # and needs in_features % 16 == 0 (other sizes give wrong results or crash in 2.13).
+        if x.device.type in ("cpu", "mps") and x.dtype == torch.bfloat16 and self.in_features % 16 == 0:
+            shape = x.shape
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scales)
+            return y.view(*shape[:-1], self.out_features)  # (..., out)
+        return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T with W stored as int4 groups of `group_size` inputs (see the module docstring).
+
+    On CPU the weight is repacked at load time into the layout of PyTorch's int4 kernel; such a
+    module's state dict is then kernel-specific, so save quantized checkpoints with `save_quantized`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, dtype=torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, groups, dtype=dtype, device=device))
+        self.register_buffer("zeros", torch.empty(out_features, groups, dtype=dtype, device=device))
+        self.kernel_layout = False
+        self.parallel: str | None = None  # fairscale communication, set by convert_linears
+
+    def to_kernel_layout(self) -> None:
+        """Repack for PyTorch's CPU int4 kernel, 64 rows at a time (its packing block)."""
+        if self.kernel_layout or not _int4_cpu_kernel_ok(self.weight.device, self.out_features,
+                                                         self.in_features, self.group_size):
+            return
+        blocks = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(p).to(torch.int32), 1)
+                  for p in self.weight.split(64 * 64)]
+        self.weight = torch.cat(blocks)
+        # The kernel wants (groups, out, 2) of (scale, zero).
+        self.scales = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).contiguous()  # (groups, out, 2)
+        del self.zeros
+        self.register_buffer("zeros", None)
+        self.kernel_layout = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _communicate(self.parallel, x, self._local)
+
+    def _local(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        if self.kernel_layout:
+            x2 = x.reshape(-1, shape[-1])  # (tokens, in)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2.to(self.scales.dtype), self.weight, self.group_size, self.scales)
+            return y.to(x.dtype).view(*shape[:-1], self.out_features)  # (..., out)
+        w = dequantize_int4(self.weight, self.scales, self.zeros).to(x.dtype)
+        return F.linear(x, w)
+
+
+def _parallel_kind(original: nn.Module) -> str | None:
+    """How a fairscale layer communicates: "column", "column_gather", "row", or None (plain)."""
+    if parallel.model_parallel_size() == 1:
+        return None
+    from fairscale.nn.model_parallel import layers as fs
+
+    if isinstance(original, fs.ColumnParallelLinear):
+        return "column_gather" if original.gather_output else "column"
+    if isinstance(original, fs.RowParallelLinear):
+        return "row"
+    return None
+
+
+def _communicate(kind: str | None, x: torch.Tensor, local) -> torch.Tensor:
+    """Apply `local` (this rank's shard) with fairscale's collectives around it."""
+    if kind is None:
+        return local(x)
+    from fairscale.nn.model_parallel import mappings
+
+    if kind == "row":
+        return mappings.reduce_from_model_parallel_region(local(x))
+    y = local(mappings.copy_to_model_parallel_region(x))
+    return mappings.gather_from_model_parallel_region(y) if kind == "column_gather" else y
+
+
+def convert_linears(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_SIZE,
+                    dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace every linear layer named in LINEAR_NAMES with its quantized form (in place, any device).
+
+    int4 needs in_features divisible by group_size; other layers stay int8 (logged).
+    """
+    check_mode(mode, group_size)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name not in LINEAR_NAMES or not hasattr(child, "weight"):
+                continue
+            out_f, in_f = child.weight.shape  # this rank's shard
+            device = child.weight.device
+            if mode == "int4" and in_f % group_size == 0:
+                new = Int4Linear(in_f, out_f, group_size, dtype, device)
+            else:
+                if mode == "int4":
+                    log.info("%s.%s: in_features=%d not divisible by group_size=%d; using int8",
+                             name, child_name, in_f, group_size)
+                new = Int8Linear(in_f, out_f, dtype, device)
+            new.parallel = _parallel_kind(child)
+            setattr(module, child_name, new)
+    return model
+
+
+def quantize_state_dict(state_dict: dict, mode: str, group_size: int = DEFAULT_GROUP_SIZE,
+                        dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> dict:
+    """Quantize each linear weight of a (memory-mapped) state dict, one tensor at a time.
+
+    Other tensors are moved to device/dtype. Pages of the source file are released after each
+    tensor, so the full-precision checkpoint never sits in memory as a whole.
+    """
+    check_mode(mode, group_size)
+    out = {}
+    for key in list(state_dict):
+        t = state_dict[key]
+        if is_linear_key(key):
+            prefix = key[: -len("weight")]
+            src = t.to(device)  # one full-precision tensor at a time
+            if mode == "int4" and t.shape[1] % group_size == 0:
+                q, scales, zeros = quantize_int4(src, group_size)
+                out[prefix + "zeros"] = zeros.to(dtype)
+            else:
+                q, scales = quantize_int8(src)
+            out[key], out[prefix + "scales"] = q, scales.to(dtype)
+            del src
+        else:
+            out[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        release_pages(t)
+        del t
+    return out
+
+
+def is_quantized(state_dict: dict) -> str | None:
+    """"int8" or "int4" when the state dict holds quantized linears, else None."""
+    for key, t in state_dict.items():
+        if key.endswith(".scales"):
+            return "int4" if key[: -len("scales")] + "zeros" in state_dict else "int8"
+    return None
+
+
+def group_size_of(state_dict: dict) -> int:
+    for key, t in state_dict.items():
+        if key.endswith(".zeros"):
+            w = state_dict[key[: -len("zeros")] + "weight"]
+            return w.shape[1] * 2 // t.shape[1]
+    return DEFAULT_GROUP_SIZE
+
+
+def prepare_for_device(model: nn.Module) -> None:
+    """Switch quantized layers to the fastest kernel their device has (after load_state_dict)."""
+    for m in model.modules():
+        if isinstance(m, Int4Linear):
+            m.to_kernel_layout()
+
+
+# ---------------------------------------------------------------------------- memory
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Drop a memory-mapped tensor's pages from this process (they stay in the page cache).
+
+    Without this, reading every tensor of a memory-mapped checkpoint leaves all of it resident.
+    Only for CPU tensors inside a read-only-used file mapping (Linux); a no-op elsewhere.
+    """
+    if t.device.type != "cpu" or t.untyped_storage().nbytes() < (1 << 20):
+        return
+    start = t.untyped_storage().data_ptr()
+    end = start + t.untyped_storage().nbytes()
+    if not _in_file_mapping(start, end):
+        return  # anonymous memory: MADV_DONTNEED would zero it
+    page = mmap.PAGESIZE
+    lo, hi = (start + page - 1) // page * page, end // page * page  # whole pages only
+    if hi > lo:
+        _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # 4: MADV_DONTNEED
+
+
+def _in_file_mapping(start: int, end: int) -> bool:
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split()
+                lo, hi = (int(v, 16) for v in fields[0].split("-"))
+                if lo <= start and end <= hi:
+                    # A file mapping: dropped pages are read back from the file if touched again.
+                    return len(fields) >= 6 and fields[5].startswith("/")
+    except OSError:
+        pass
+    return False
+
+
+_LIBC = None
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+        _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return _LIBC
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def save_quantized(ckpt_dir: str, out_dir: str, mode: str, group_size: int = DEFAULT_GROUP_SIZE,
+                   dtype: str = "float16") -> None:
+    """Write a quantized Meta-layout checkpoint (params.json + consolidated.00.pth) to out_dir.
+
+    The source is read tensor by tensor from its memory map; `Llama.build(out_dir, ...)` loads
+    the result directly, without quantize=.
+    """
+    import shutil
+
+    from llama.checkpoint import load_checkpoint
+    from llama.device import DTYPES
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; pass float32, float16 or bfloat16")
+    _, state_dict = load_checkpoint(ckpt_dir)
+    if is_quantized(state_dict):
+        raise ValueError(f"{ckpt_dir!r} is already quantized; pass a floating-point checkpoint")
+    quantized = quantize_state_dict(state_dict, mode, group_size, DTYPES[dtype], "cpu")
+    os.makedirs(out_dir, exist_ok=True)
+    shutil.copy(os.path.join(ckpt_dir, "params.json"), os.path.join(out_dir, "params.json"))
+    torch.save(quantized, os.path.join(out_dir, "consolidated.00.pth"))
+    log.info("wrote %s quantized checkpoint to %s", mode, out_dir)
+
+
+def main(ckpt_dir: str, out_dir: str, mode: str = "int8", group_size: int = DEFAULT_GROUP_SIZE,
+         dtype: str = "float16") -> None:
+    """python -m llama.quantize CKPT_DIR OUT_DIR --mode int4 --group_size 32"""
+    logging.basicConfig(level=logging.INFO)
+    save_quantized(ckpt_dir, out_dir, mode, group_size, dtype)
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)
