@@ -8,11 +8,12 @@ DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
 
-# CPU "auto", from benchmarks/RESULTS.md: models this small are bound by per-op overhead, not
-# memory bandwidth, so they keep fp32 (exact, and no slower). Bigger models use bf16 where the
-# CPU has native bf16 (oneDNN: AVX512-BF16/AMX), which streamed weights fastest there, also
-# through the int8/int4 kernels (those run at a tenth of the speed with fp32/fp16 inputs);
-# elsewhere fp16 halves the bytes read per token.
+# CPU "auto", measured on a 2-core AVX512-BF16/AMX Xeon (benchmarks/RESULTS.md): models below
+# CPU_HALF_MIN_PARAMS are bound by per-op overhead, not memory bandwidth, so they keep fp32
+# (exact, and no slower). Bigger models use bf16 where the CPU has native bf16: matrix-vector
+# products of 7B-shape weights ran at ~12 G weights/s in bf16, ~7.5 in fp32 and ~6 in fp16
+# (fp16 was the slowest), and PyTorch's int8/int4 kernels are fast only with bf16 inputs.
+# Without native bf16 they stay fp32.
 CPU_HALF_MIN_PARAMS = 50_000_000
 
 
@@ -50,8 +51,7 @@ def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> 
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device, n_params: int = 0,
-                  quantized: bool = False) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device, n_params: int = 0) -> torch.dtype:
     """"auto": bf16 on GPUs that support it, else fp16; on CPU by model size (see above)."""
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -63,9 +63,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, n_params: int 
             return torch.float16
         if n_params < CPU_HALF_MIN_PARAMS:
             return torch.float32
-        if cpu_has_fast_bf16():
-            return torch.bfloat16
-        return torch.float32 if quantized else torch.float16
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; pass --dtype auto, float32, float16 or bfloat16")
     return DTYPES[name]

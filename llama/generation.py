@@ -139,7 +139,7 @@ class Llama:
         mode = stored or quantize
         if stored:
             group_size = quant.group_size_of(state_dict)
-        dt = resolve_dtype(dtype, dev, n_params, quantized=mode is not None)
+        dt = resolve_dtype(dtype, dev, n_params)
         preflight(args, max_seq_len, max_batch_size, dt, dev, mode, group_size, world, memory_limit)
 
         with torch.device("meta"):

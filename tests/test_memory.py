@@ -1,0 +1,86 @@
+"""Memory preflight: the estimate's arithmetic, and a 7B build refused before loading."""
+
+import json
+import resource
+
+import pytest
+import torch
+
+from llama import Llama
+from llama.memory import GB, estimate, parse_size, preflight, weight_bytes
+from llama.model import ModelArgs
+from conftest import models_path
+
+LLAMA2_7B = dict(dim=4096, n_layers=32, n_heads=32, multiple_of=256, norm_eps=1e-5, vocab_size=-1)
+
+
+def seven_b() -> ModelArgs:
+    return ModelArgs(**{**LLAMA2_7B, "vocab_size": 32000})
+
+
+def test_parse_size():
+    assert parse_size("12GB") == 12 * 10**9
+    assert parse_size("1.5 GiB") == int(1.5 * 2**30)
+    assert parse_size(1000) == 1000
+    with pytest.raises(ValueError, match="memory_limit"):
+        parse_size("twelve")
+
+
+def test_7b_weights_and_kv_cache():
+    args = seven_b()
+    # Llama-2-7B has 6,738,415,616 parameters: 13.48 GB in fp16.
+    assert weight_bytes(args, torch.float16) == 6_738_415_616 * 2
+    int8 = weight_bytes(args, torch.float16, "int8")
+    int4 = weight_bytes(args, torch.float16, "int4", group_size=32)
+    assert 6.9 * GB < int8 < 7.1 * GB and 4.0 * GB < int4 < 4.4 * GB
+    est = estimate(args, 4096, 1, torch.float16)
+    assert est.kv_cache == 2 * 32 * 4096 * 4096 * 2  # 2 GiB at 4096 positions
+    # Model parallel splits all but the norms.
+    assert abs(weight_bytes(args, torch.float16, world_size=2) * 2 / weight_bytes(args, torch.float16) - 1) < 1e-4
+
+
+def test_preflight_lists_settings_that_fit():
+    args = seven_b()
+    with pytest.raises(ValueError) as e:
+        preflight(args, 4096, 4, torch.float16, torch.device("cuda"), memory_limit="12GB")
+    msg = str(e.value)
+    assert "12.00 GB" in msg and "quantize='int8'" in msg and "quantize='int4'" in msg
+    assert "--nproc_per_node 2" in msg and "\n" not in msg
+    assert preflight(args, 512, 1, torch.float16, torch.device("cpu"), quantize="int8", memory_limit="12GB")
+
+
+@pytest.fixture(scope="module")
+def fake_7b(tmp_path_factory):
+    """A 7B-shape Meta checkpoint whose 13.5 GB of data is a hole in a sparse file (no disk, no RAM)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    path = tmp_path_factory.mktemp("fake7b")
+    (path / "params.json").write_text(json.dumps(LLAMA2_7B))
+    args = seven_b()
+    dim, hidden = args.dim, args.ffn_hidden_dim
+    with FakeTensorMode():
+        sd = {"tok_embeddings.weight": torch.empty(32000, dim, dtype=torch.float16),
+              "norm.weight": torch.empty(dim, dtype=torch.float16),
+              "output.weight": torch.empty(32000, dim, dtype=torch.float16)}
+        for i in range(args.n_layers):
+            p = f"layers.{i}."
+            for name in ("attention.wq", "attention.wk", "attention.wv", "attention.wo"):
+                sd[p + name + ".weight"] = torch.empty(dim, dim, dtype=torch.float16)
+            sd[p + "feed_forward.w1.weight"] = torch.empty(hidden, dim, dtype=torch.float16)
+            sd[p + "feed_forward.w3.weight"] = torch.empty(hidden, dim, dtype=torch.float16)
+            sd[p + "feed_forward.w2.weight"] = torch.empty(dim, hidden, dtype=torch.float16)
+            sd[p + "attention_norm.weight"] = torch.empty(dim, dtype=torch.float16)
+            sd[p + "ffn_norm.weight"] = torch.empty(dim, dtype=torch.float16)
+    with torch.serialization.skip_data(materialize_fake_tensors=True):
+        torch.save(sd, path / "consolidated.00.pth")
+    return str(path)
+
+
+def test_7b_fp16_build_refused_at_12gb_before_loading(fake_7b):
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ValueError, match="quantize='int8'.*quantize='int4'"):
+        Llama.build(fake_7b, models_path("llama2-tokenizer", "tokenizer.model"), max_seq_len=2048,
+                    max_batch_size=1, device="cpu", dtype="float16", memory_limit="12GB")
+    # Nothing of the 13.5 GB was read: peak RSS grew by far less than one layer.
+    grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
+    assert grown_kb < 200_000

@@ -1,0 +1,147 @@
+"""Weight-only int8/int4: error bounds of the math and layers, and quality on stories260K."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llama import Llama
+from llama import quantize as Q
+from conftest import models_path
+
+
+@pytest.fixture(scope="module")
+def weight():
+    return torch.randn(128, 256, generator=torch.Generator().manual_seed(0))
+
+
+def test_int8_error_at_most_half_a_step(weight):
+    q, scales = Q.quantize_int8(weight)
+    assert q.dtype == torch.int8 and scales.shape == (128,)
+    err = (Q.dequantize_int8(q, scales) - weight).abs()
+    # Rounding to the nearest step of amax/127 errs by at most half a step per element.
+    assert (err <= scales[:, None] / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_error_at_most_half_a_step(weight, group_size):
+    packed, scales, zeros = Q.quantize_int4(weight, group_size)
+    assert packed.dtype == torch.uint8 and packed.shape == (128, 128)
+    assert scales.shape == zeros.shape == (128, 256 // group_size)
+    err = (Q.dequantize_int4(packed, scales, zeros) - weight).abs()
+    step = scales.repeat_interleave(group_size, dim=1)  # (out, in)
+    assert (err <= step / 2 + 1e-5).all()
+
+
+def test_int4_pack_round_trip():
+    q = torch.randint(0, 16, (4, 10), dtype=torch.uint8)
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+    assert torch.equal(Q.unpack_int4(packed), q)
+
+
+def _int8_layer(w, dtype):
+    layer = Q.Int8Linear(w.shape[1], w.shape[0], dtype)
+    q, s = Q.quantize_int8(w)
+    layer.weight, layer.scales = q, s.to(dtype)
+    return layer
+
+
+def _int4_layer(w, group_size, dtype):
+    layer = Q.Int4Linear(w.shape[1], w.shape[0], group_size, dtype)
+    layer.weight, s, z = Q.quantize_int4(w, group_size)
+    layer.scales, layer.zeros = s.to(dtype), z.to(dtype)
+    return layer
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 0.01), (torch.bfloat16, 0.02)])
+def test_int8_linear_close_to_float(weight, dtype, bound):
+    """Relative error of y = x W^T is below 1% (2% with bf16 inputs, which round themselves)."""
+    x = torch.randn(3, 5, 256, generator=torch.Generator().manual_seed(1))
+    ref = F.linear(x, weight)
+    y = _int8_layer(weight, dtype)(x.to(dtype)).float()
+    assert y.shape == ref.shape
+    assert (y - ref).norm() / ref.norm() < bound
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_linear_close_to_float_and_kernel_equals_reference(weight, dtype):
+    """int4 with groups of 32 stays within 10% relative error; the CPU kernel layout computes the
+    same product as dequantizing (to bf16 rounding)."""
+    x = torch.randn(7, 256, generator=torch.Generator().manual_seed(2))
+    ref = F.linear(x, weight)
+    layer = _int4_layer(weight, 32, dtype)
+    y = layer(x.to(dtype)).float()
+    assert (y - ref).norm() / ref.norm() < 0.10
+    layer.to_kernel_layout()
+    if layer.kernel_layout:
+        yk = layer(x.to(dtype)).float()
+        assert (yk - y).norm() / y.norm() < 0.01
+
+
+def test_bad_mode_and_group_size():
+    with pytest.raises(ValueError, match="quantize"):
+        Q.check_mode("int3", 32)
+    with pytest.raises(ValueError, match="group_size"):
+        Q.check_mode("int4", 7)
+
+
+# ---------------------------------------------------------------------------- stories260K
+
+
+def _build(**kw):
+    return Llama.build(models_path("stories260K-meta"), models_path("stories260K", "tok512.model"),
+                       max_seq_len=512, max_batch_size=1, device="cpu", **kw)
+
+
+def _perplexity(llm, text):
+    tokens = torch.tensor([llm.tokenizer.encode(text, bos=True, eos=False)])
+    with torch.inference_mode():
+        logits = llm.model(tokens, 0)  # (1, s, vocab)
+    return F.cross_entropy(logits[0, :-1], tokens[0, 1:]).exp().item()
+
+
+@pytest.fixture(scope="module")
+def fp32():
+    return _build(dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def int8():
+    return _build(dtype="float32", quantize="int8")
+
+
+def test_perplexity_int8_within_1_percent_int4_within_5(fp32, int8, reference_text):
+    base = _perplexity(fp32, reference_text)
+    assert _perplexity(int8, reference_text) / base - 1 < 0.01
+    int4 = _build(dtype="float32", quantize="int4")
+    assert _perplexity(int4, reference_text) / base - 1 < 0.05
+
+
+def test_int8_greedy_matches_reference_for_50_tokens(fp32, int8):
+    ref, _ = fp32.generate([[1]], 60, temperature=0)
+    got, _ = int8.generate([[1]], 60, temperature=0)
+    assert got[0][:50] == ref[0][:50]
+
+
+def test_quantized_layers_and_keys(int8):
+    attn = int8.model.layers[0].attention
+    assert isinstance(attn.wq, Q.Int8Linear) and attn.wq.weight.dtype == torch.int8
+    keys = int8.model.state_dict().keys()
+    assert {"layers.0.attention.wq.weight", "layers.0.attention.wq.scales", "output.scales"} <= keys
+    assert int8.model.tok_embeddings.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_save_and_load_quantized_checkpoint(tmp_path, mode):
+    out = str(tmp_path / mode)
+    Q.save_quantized(models_path("stories260K-meta"), out, mode, dtype="float32")
+    saved = torch.load(f"{out}/consolidated.00.pth", weights_only=True)
+    assert saved["layers.0.feed_forward.w1.weight"].dtype == (torch.int8 if mode == "int8" else torch.uint8)
+    loaded = Llama.build(out, models_path("stories260K", "tok512.model"), max_seq_len=64,
+                         max_batch_size=1, device="cpu", dtype="float32")
+    direct = _build(dtype="float32", quantize=mode)
+    tokens = torch.tensor([[1, 403, 407, 261]])
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.model(tokens, 0), direct.model(tokens, 0))
+    with pytest.raises(ValueError, match="already quantized"):
+        Llama.build(out, models_path("stories260K", "tok512.model"), max_seq_len=64, max_batch_size=1,
+                    device="cpu", quantize="int8" if mode == "int4" else "int4")
