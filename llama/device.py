@@ -44,6 +44,11 @@ def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> 
             raise ValueError(f"--device {device} asked for CUDA but torch sees no CUDA GPU; pass --device cpu")
         if dev.index is None:
             dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+        elif dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible; "
+                "pass --device cuda:0 or auto"
+            )
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {device} asked for MPS but it is not available; pass --device cpu")
     elif dev.type not in ("cpu", "cuda", "mps"):

@@ -350,6 +350,6 @@ class Llama:
     def _prediction(self, tokens: list[int], logprobs: list[float] | None) -> dict:
         pred = {"generation": self.tokenizer.decode(tokens)}
         if logprobs is not None:
-            pred["tokens"] = [self.tokenizer.decode([t]) for t in tokens]
+            pred["tokens"] = self.tokenizer.decode_pieces(tokens)
             pred["logprobs"] = logprobs
         return pred

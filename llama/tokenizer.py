@@ -41,5 +41,11 @@ class Tokenizer:
         """Text of the token ids t."""
         return self.sp_model.decode(list(t))
 
-    def id_to_piece(self, i: int) -> str:
-        return self.sp_model.id_to_piece(i)
+    def decode_pieces(self, t: list[int]) -> list[str]:
+        """The text each token adds, with the spaces a lone-token decode would drop."""
+        pieces, prev = [], ""
+        for i in range(len(t)):
+            text = self.decode(t[: i + 1])
+            pieces.append(text[len(prev):] if text.startswith(prev) else text)
+            prev = text
+        return pieces
