@@ -128,7 +128,8 @@ def available_bytes(device: torch.device) -> tuple[int | None, str]:
 def alternatives(args: ModelArgs, max_seq_len: int, max_batch_size: int, dtype: torch.dtype,
                  quantize: str | None, group_size: int, world_size: int, device_type: str,
                  limit: int) -> list[str]:
-    """Changes of one setting (or two) that bring the estimate under limit, cheapest first."""
+    """Settings that bring the estimate under limit: each quantization (with a smaller cache if
+    needed), a smaller cache alone, and (CUDA) more GPUs."""
     def fits(**kw):
         cfg = dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size, dtype=dtype, quantize=quantize,
                    group_size=group_size, world_size=world_size, device_type=device_type) | kw
@@ -136,28 +137,40 @@ def alternatives(args: ModelArgs, max_seq_len: int, max_batch_size: int, dtype: 
         return e if e.total <= limit else None
 
     found = []
+    # Quantization first (alone, else with a smaller batch and cache), then cache sizes alone.
     for q in ("int8", "int4"):
-        if q != quantize and (q == "int4" or quantize is None) and (e := fits(quantize=q)):
-            found.append(f"quantize='{q}' ({fmt(e.total)})")
-    if max_batch_size > 1 and (e := fits(max_batch_size=1)):
-        found.append(f"max_batch_size=1 ({fmt(e.total)})")
-    seq = max_seq_len // 2
-    while seq >= 128:
-        if e := fits(max_seq_len=seq):
-            found.append(f"max_seq_len={seq} ({fmt(e.total)})")
+        if q == quantize or (q == "int8" and quantize == "int4"):
+            continue
+        for bsz, seq in _smaller_caches(max_batch_size, max_seq_len):
+            if e := fits(quantize=q, max_batch_size=bsz, max_seq_len=seq):
+                extra = "".join([f", max_batch_size={bsz}" if bsz != max_batch_size else "",
+                                 f", max_seq_len={seq}" if seq != max_seq_len else ""])
+                found.append(f"quantize='{q}'{extra} ({fmt(e.total)})")
+                break
+    for bsz, seq in _smaller_caches(max_batch_size, max_seq_len)[1:]:
+        if e := fits(max_batch_size=bsz, max_seq_len=seq):
+            extra = ", ".join(([f"max_batch_size={bsz}"] if bsz != max_batch_size else [])
+                              + ([f"max_seq_len={seq}"] if seq != max_seq_len else []))
+            found.append(f"{extra} ({fmt(e.total)})")
             break
-        seq //= 2
     if device_type == "cuda":
         for mp in (2, 4, 8):
             if mp > world_size and args.n_heads % mp == 0 and args.kv_heads % mp == 0 and (e := fits(world_size=mp)):
                 found.append(f"torchrun --nproc_per_node {mp} ({fmt(e.total)} per GPU)")
                 break
-    if not found:
-        for q in ("int8", "int4"):
-            if (e := fits(quantize=q, max_batch_size=1, max_seq_len=min(max_seq_len, 512))):
-                found.append(f"quantize='{q}' with max_batch_size=1 and max_seq_len<=512 ({fmt(e.total)})")
-                break
     return found
+
+
+def _smaller_caches(max_batch_size: int, max_seq_len: int) -> list[tuple[int, int]]:
+    """(batch, seq) to try, biggest first: as given, batch 1, then halving seq down to 128."""
+    sizes = [(max_batch_size, max_seq_len)]
+    if max_batch_size > 1:
+        sizes.append((1, max_seq_len))
+    seq = max_seq_len // 2
+    while seq >= 128:
+        sizes.append((1, seq))
+        seq //= 2
+    return sizes
 
 
 def preflight(args: ModelArgs, max_seq_len: int, max_batch_size: int, dtype: torch.dtype,

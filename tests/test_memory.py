@@ -32,7 +32,7 @@ def test_7b_weights_and_kv_cache():
     assert weight_bytes(args, torch.float16) == 6_738_415_616 * 2
     int8 = weight_bytes(args, torch.float16, "int8")
     int4 = weight_bytes(args, torch.float16, "int4", group_size=32)
-    assert 6.9 * GB < int8 < 7.1 * GB and 4.0 * GB < int4 < 4.4 * GB
+    assert 6.8 * GB < int8 < 7.0 * GB and 4.0 * GB < int4 < 4.4 * GB
     est = estimate(args, 4096, 1, torch.float16)
     assert est.kv_cache == 2 * 32 * 4096 * 4096 * 2  # 2 GiB at 4096 positions
     # Model parallel splits all but the norms.
@@ -42,10 +42,13 @@ def test_7b_weights_and_kv_cache():
 def test_preflight_lists_settings_that_fit():
     args = seven_b()
     with pytest.raises(ValueError) as e:
-        preflight(args, 4096, 4, torch.float16, torch.device("cuda"), memory_limit="12GB")
+        preflight(args, 2048, 1, torch.float16, torch.device("cuda"), memory_limit="12GB")
     msg = str(e.value)
-    assert "12.00 GB" in msg and "quantize='int8'" in msg and "quantize='int4'" in msg
+    assert "12.00 GB" in msg and "quantize='int8' (" in msg and "quantize='int4' (" in msg
     assert "--nproc_per_node 2" in msg and "\n" not in msg
+    # A big cache: quantization alone is not enough, so the advice shrinks the cache too.
+    with pytest.raises(ValueError, match="quantize='int8', max_batch_size=1"):
+        preflight(args, 4096, 4, torch.float16, torch.device("cpu"), memory_limit="12GB")
     assert preflight(args, 512, 1, torch.float16, torch.device("cpu"), quantize="int8", memory_limit="12GB")
 
 
