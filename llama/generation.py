@@ -67,6 +67,8 @@ def move_state_dict(state_dict: dict, device: torch.device, dtype: torch.dtype) 
     for key, t in state_dict.items():
         if id(t) not in moved:
             moved[id(t)] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+            if moved[id(t)].data_ptr() != t.data_ptr():
+                quant.release_pages(t)  # a converted copy: drop the file's pages we just read
         out[key] = moved[id(t)]
     return out
 
@@ -155,6 +157,7 @@ class Llama:
         model.requires_grad_(False).eval()
         model.setup_caches(max_batch_size, max_seq_len)
         if compile:
+            model.static_kv = True
             model.compile(mode="reduce-overhead" if dev.type == "cuda" else None)
         log.info("loaded in %.2f s: %s on %s as %s%s", time.time() - start, ckpt_dir, dev, dt,
                  f", {mode} weights" if mode else "")

@@ -192,6 +192,9 @@ class Transformer(nn.Module):
         self.output = parallel.column_linear(params.dim, params.vocab_size, gather_output=True)
         self.max_batch_size = 0
         self.max_seq_len = 0
+        # With static_kv, every step attends over the whole cache (masked), so a decode step
+        # has the same shapes at every position: what torch.compile needs to compile it once.
+        self.static_kv = False
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int) -> None:
         """(Re)allocate the KV cache and rotary tables on the device and dtype of the weights."""
@@ -213,6 +216,8 @@ class Transformer(nn.Module):
         With logits_pos (b,), only the logits at that position of each row: (b, 1, vocab).
         """
         bsz, seqlen = tokens.shape
+        if self.static_kv:
+            return self._forward_static(tokens, start_pos, logits_pos)
         if isinstance(start_pos, torch.Tensor):
             lo, hi = start_pos.aminmax()
             lo, hi = int(lo), int(hi)
@@ -234,6 +239,22 @@ class Transformer(nn.Module):
                 mask = keys <= (pos + torch.arange(seqlen, device=tokens.device)).unsqueeze(-1)  # (s, kv_len)
             else:
                 mask = (keys <= pos.unsqueeze(-1)).unsqueeze(1)  # (b, 1, s, kv_len)
+        return self._layers(tokens, pos, cos, sin, mask, kv_len, logits_pos)
+
+    def _forward_static(self, tokens, start_pos, logits_pos):
+        bsz, seqlen = tokens.shape
+        offsets = torch.arange(seqlen, device=tokens.device)
+        if isinstance(start_pos, torch.Tensor):
+            pos = start_pos.view(bsz, 1) + offsets  # (b, s)
+        else:
+            pos = (start_pos + offsets).expand(bsz, seqlen)  # (b, s)
+        cos, sin = self.rope[:, pos].unsqueeze(3)  # (2, b, s, 1, d)
+        keys = torch.arange(self.max_seq_len, device=tokens.device)
+        mask = (keys <= pos.unsqueeze(-1)).unsqueeze(1)  # (b, 1, s, max_seq_len)
+        return self._layers(tokens, pos, cos, sin, mask, self.max_seq_len, logits_pos)
+
+    def _layers(self, tokens, pos, cos, sin, mask, kv_len, logits_pos):
+        bsz = tokens.shape[0]
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, pos, cos, sin, mask, kv_len)

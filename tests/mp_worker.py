@@ -8,9 +8,9 @@ from llama import Llama
 from llama.parallel import rank
 
 
-def main(ckpt_dir: str, tokenizer_path: str, out_path: str) -> None:
+def main(ckpt_dir: str, tokenizer_path: str, out_path: str, quantize: str = "") -> None:
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=256, max_batch_size=1,
-                        device="cpu", dtype="float32")
+                        device="cpu", dtype="float32", quantize=quantize or None)
     tokens, _ = llama.generate([[llama.tokenizer.bos_id]], max_gen_len=200, temperature=0)
     with torch.inference_mode():
         logits = llama.model(torch.tensor([[llama.tokenizer.bos_id] + tokens[0]]), 0)
@@ -20,4 +20,4 @@ def main(ckpt_dir: str, tokenizer_path: str, out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

@@ -16,10 +16,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_worker(nproc: int, ckpt: str, tokenizer: str, out) -> dict:
+def run_worker(nproc: int, ckpt: str, tokenizer: str, out, quantize: str = "") -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-           str(REPO / "tests" / "mp_worker.py"), ckpt, tokenizer, str(out)]
+           str(REPO / "tests" / "mp_worker.py"), ckpt, tokenizer, str(out), quantize]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -48,3 +48,16 @@ def test_torchrun_example_cli_prints_only_on_rank_0(tmp_path, stories_tokenizer,
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count(reference_text) == 1
+
+
+def test_torchrun_two_ranks_quantize_their_own_shards(tmp_path, stories_tokenizer):
+    """int8 under model parallel: each rank quantizes its shard. Column-parallel shards get the
+    scales of one process; row-parallel shards get finer ones, so the logits differ slightly."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from mp_worker import main
+
+    main(models_path("stories260K-meta"), stories_tokenizer, str(tmp_path / "one.pt"), "int8")
+    one = torch.load(tmp_path / "one.pt", weights_only=True)
+    two = run_worker(2, models_path("stories260K-meta-mp2"), stories_tokenizer, tmp_path / "two.pt", "int8")
+    assert two["tokens"][:50] == one["tokens"][:50]
+    torch.testing.assert_close(two["logits"][:50], one["logits"][:50], atol=0.25, rtol=0.05)
