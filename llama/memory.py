@@ -23,7 +23,7 @@ GB = 1e9
 # Resident memory of Python + PyTorch + the tokenizer on CPU before any tensor (measured: ~0.35 GB).
 CPU_RUNTIME_BYTES = 0.4 * GB
 # Rows x in_features of the fp32 chunk quantize.py works on, times the temporaries alive at once.
-QUANT_TEMP_BYTES = 3 * 4 * (1 << 24)
+QUANT_TEMP_BYTES = 3 * 4 * (1 << 22)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 

@@ -29,8 +29,9 @@ MODES = ("int8", "int4")
 # Measured on stories260K and random 110M / 7B shapes (benchmarks/RESULTS.md): 32 keeps
 # perplexity closest to fp32; 64 and 128 cost the same speed with the CPU kernel but more error.
 DEFAULT_GROUP_SIZE = 32
-# Rows quantized at once: bounds the fp32 temporaries of big matrices (the output layer of 7B).
-_CHUNK_ELEMENTS = 1 << 24
+# Elements quantized at once: bounds the fp32 temporaries of big matrices (the output layer of
+# 7B), and keeps them small enough for malloc to reuse instead of fragmenting.
+_CHUNK_ELEMENTS = 1 << 22
 LINEAR_NAMES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
 
 
@@ -52,13 +53,14 @@ def check_mode(mode: str | None, group_size: int) -> None:
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q int8 (out, in), scales fp32 (out,)) with w ~= q * scales[:, None]."""
-    qs, scales = [], []
-    for part in _row_chunks(w):
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scales = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for rows, part in _row_chunks(w):
         wf = part.float()
         scale = wf.abs().amax(dim=1).clamp(min=1e-10) / 127.0  # (rows,)
-        qs.append(torch.round(wf / scale[:, None]).clamp_(-127, 127).to(torch.int8))
-        scales.append(scale)
-    return torch.cat(qs), torch.cat(scales)
+        q[rows].copy_(torch.round(wf / scale[:, None]).clamp_(-127, 127))
+        scales[rows] = scale
+    return q, scales
 
 
 def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -70,17 +72,19 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     out_f, in_f = w.shape
     if in_f % group_size:
         raise ValueError(f"in_features={in_f} is not divisible by group_size={group_size}")
-    packed, scales, zeros = [], [], []
-    for part in _row_chunks(w):
-        g = part.float().reshape(part.shape[0], in_f // group_size, group_size)  # (rows, groups, gs)
+    groups = in_f // group_size
+    packed = torch.empty(out_f, in_f // 2, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(out_f, groups, dtype=torch.float32, device=w.device)
+    zeros = torch.empty_like(scales)
+    for rows, part in _row_chunks(w):
+        g = part.float().reshape(-1, groups, group_size)  # (rows, groups, gs)
         lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # (rows, groups)
         scale = ((hi - lo) / 15.0).clamp(min=1e-10)
         q = torch.round((g - lo.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp_(0, 15).to(torch.uint8)
-        q = q.reshape(part.shape[0], in_f // 2, 2)  # (rows, in/2, 2): pairs of neighbours
-        packed.append(q[..., 0] | (q[..., 1] << 4))
-        scales.append(scale)
-        zeros.append(lo + 8 * scale)
-    return torch.cat(packed), torch.cat(scales), torch.cat(zeros)
+        q = q.reshape(-1, in_f // 2, 2)  # (rows, in/2, 2): pairs of neighbours
+        torch.bitwise_or(q[..., 0], q[..., 1] << 4, out=packed[rows])
+        scales[rows], zeros[rows] = scale, lo + 8 * scale
+    return packed, scales, zeros
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -98,8 +102,10 @@ def dequantize_int4(packed, scales, zeros) -> torch.Tensor:
 
 
 def _row_chunks(w: torch.Tensor):
-    rows = max(64, (_CHUNK_ELEMENTS // max(1, w.shape[1])) // 64 * 64)
-    return w.split(rows)
+    """(row slice, rows of w) in blocks of about _CHUNK_ELEMENTS elements."""
+    step = max(64, (_CHUNK_ELEMENTS // max(1, w.shape[1])) // 64 * 64)
+    for lo in range(0, w.shape[0], step):
+        yield slice(lo, lo + step), w[lo : lo + step]
 
 
 # ---------------------------------------------------------------------------- modules
