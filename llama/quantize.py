@@ -162,9 +162,11 @@ class Int4Linear(nn.Module):
         if self.kernel_layout or not _int4_cpu_kernel_ok(self.weight.device, self.out_features,
                                                          self.in_features, self.group_size):
             return
-        blocks = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(p).to(torch.int32), 1)
-                  for p in self.weight.split(64 * 64)]
-        self.weight = torch.cat(blocks)
+        packed = torch.empty_like(self.weight)
+        for lo in range(0, self.out_features, 1024):
+            rows = unpack_int4(self.weight[lo : lo + 1024]).to(torch.int32)  # (rows, in)
+            packed[lo : lo + 1024] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(rows, 1)
+        self.weight = packed
         # The kernel wants (groups, out, 2) of (scale, zero).
         self.scales = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).contiguous()  # (groups, out, 2)
         del self.zeros
@@ -255,11 +257,23 @@ def quantize_state_dict(state_dict: dict, mode: str, group_size: int = DEFAULT_G
             else:
                 q, scales = quantize_int8(src)
             out[key], out[prefix + "scales"] = q, scales.to(dtype)
-            del src
+            del src, q, scales
+            trim_heap()
         else:
-            out[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+            out[key] = _convert(t, device, dtype if t.is_floating_point() else t.dtype)
         release_pages(t)
         del t
+    return out
+
+
+def _convert(t: torch.Tensor, device, dtype) -> torch.Tensor:
+    """t.to(device, dtype), block by block, releasing the source's pages as it goes."""
+    if t.dim() < 2 or (t.dtype == dtype and t.device == torch.device(device)):
+        return t.to(device=device, dtype=dtype)
+    out = torch.empty(t.shape, dtype=dtype, device=device)
+    for rows, part in _row_chunks(t):
+        out[rows] = part
+        release_pages(part)
     return out
 
 
@@ -284,6 +298,7 @@ def prepare_for_device(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, Int4Linear):
             m.to_kernel_layout()
+            trim_heap()
 
 
 # ---------------------------------------------------------------------------- memory
@@ -295,10 +310,10 @@ def release_pages(t: torch.Tensor) -> None:
     Without this, reading every tensor of a memory-mapped checkpoint leaves all of it resident.
     Only for CPU tensors inside a read-only-used file mapping (Linux); a no-op elsewhere.
     """
-    if t.device.type != "cpu" or t.untyped_storage().nbytes() < (1 << 20):
+    if t.device.type != "cpu" or not t.is_contiguous() or t.numel() * t.element_size() < (1 << 20):
         return
-    start = t.untyped_storage().data_ptr()
-    end = start + t.untyped_storage().nbytes()
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
     if not _in_file_mapping(start, end):
         return  # anonymous memory: MADV_DONTNEED would zero it
     page = mmap.PAGESIZE
@@ -319,6 +334,15 @@ def _in_file_mapping(start: int, end: int) -> bool:
     except OSError:
         pass
     return False
+
+
+def trim_heap() -> None:
+    """Return freed heap memory to the OS (glibc), so quantizing layer after layer does not
+    leave the holes of its temporaries resident. A no-op where malloc_trim does not exist."""
+    try:
+        _libc().malloc_trim(0)
+    except (AttributeError, OSError):
+        pass
 
 
 _LIBC = None
