@@ -158,7 +158,9 @@ class Llama:
         model.setup_caches(max_batch_size, max_seq_len)
         if compile:
             model.static_kv = True
-            model.compile(mode="reduce-overhead" if dev.type == "cuda" else None)
+            # Guards on the module's attributes cost ~0.1 ms a step; nothing changes them after build.
+            model.compile(mode="reduce-overhead" if dev.type == "cuda" else None,
+                          options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         log.info("loaded in %.2f s: %s on %s as %s%s", time.time() - start, ckpt_dir, dev, dt,
                  f", {mode} weights" if mode else "")
         return Llama(model, tokenizer)

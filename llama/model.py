@@ -115,6 +115,20 @@ class KVCache(nn.Module):
         return self.k[:b, :, :kv_len], self.v[:b, :, :kv_len]  # (b, kv_heads, kv_len, d)
 
 
+def decode_attention(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one new token per row, as plain matmuls: what SDPA computes, in a form
+    torch.compile fuses into its own kernels. xq (b, 1, heads, d); keys/values (b, kv_heads, T, d);
+    mask (b, 1, 1, T). Returns (b, heads, 1, d)."""
+    b, _, heads, d = xq.shape
+    kv_heads = keys.shape[1]
+    q = xq.view(b, kv_heads, heads // kv_heads, d)  # (b, kv_heads, rep, d): a query group per kv head
+    scores = torch.matmul(q, keys.transpose(2, 3)).float() / math.sqrt(d)  # (b, kv_heads, rep, T)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    out = torch.matmul(scores.softmax(-1).type_as(values), values)  # (b, kv_heads, rep, d)
+    return out.view(b, heads, 1, d)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -136,13 +150,16 @@ class Attention(nn.Module):
         xq = apply_rotary_emb(xq, cos, sin)
         xk = apply_rotary_emb(xk, cos, sin)
         keys, values = self.cache.update(pos, xk, xv, kv_len)  # (b, kv_heads, kv_len, d)
-        out = F.scaled_dot_product_attention(
-            xq.transpose(1, 2),  # (b, heads, s, d)
-            keys,
-            values,
-            attn_mask=mask,
-            enable_gqa=self.n_local_heads != self.n_local_kv_heads,
-        )  # (b, heads, s, d)
+        if seqlen == 1 and mask is not None:
+            out = decode_attention(xq, keys, values, mask)  # (b, heads, 1, d)
+        else:
+            out = F.scaled_dot_product_attention(
+                xq.transpose(1, 2),  # (b, heads, s, d)
+                keys,
+                values,
+                attn_mask=mask,
+                enable_gqa=self.n_local_heads != self.n_local_kv_heads,
+            )  # (b, heads, s, d)
         out = out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (b, s, heads * d)
         return self.wo(out)
 

@@ -20,8 +20,8 @@ def complex_rope(x: torch.Tensor, theta: float) -> torch.Tensor:
 def test_real_rope_equals_complex_reference():
     torch.manual_seed(0)
     x = torch.randn(2, 9, 4, 16)
-    cos, sin = rope_tables(16, 32, 10000.0)[:, :9]
-    out = apply_rotary_emb(x, cos.expand(2, 9, 8), sin.expand(2, 9, 8))
+    cos, sin = rope_tables(16, 32, 10000.0)[:, :9, None]  # (9, 1, 16) each
+    out = apply_rotary_emb(x, cos, sin)
     torch.testing.assert_close(out, complex_rope(x, 10000.0), atol=1e-5, rtol=1e-5)
 
 
@@ -54,6 +54,18 @@ def model_and_tokens(stories):
     with torch.inference_mode():
         full = stories.model(tokens, 0)  # (2, 48, vocab)
     return stories.model, tokens, full
+
+
+def test_decode_attention_equals_sdpa():
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    from llama.model import decode_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 1, 8, 16), torch.randn(3, 4, 20, 16), torch.randn(3, 4, 20, 16)
+    mask = torch.arange(20) <= torch.tensor([4, 19, 0]).view(3, 1, 1, 1)  # (3, 1, 1, 20)
+    ref = sdpa(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=True)  # (3, 8, 1, 16)
+    torch.testing.assert_close(decode_attention(q, k, v, mask), ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("chunks", [[1] * 48, [7, 1, 1, 13, 26], [30, 18], [1, 40, 3, 4]])
@@ -98,3 +110,17 @@ def test_gqa_matches_repeated_kv_heads():
     with torch.inference_mode():
         torch.testing.assert_close(gqa(x), mha(x), **FP32)
     assert math.isfinite(gqa(x).sum().item())
+
+
+def test_static_kv_path_equals_default(model_and_tokens):
+    """The whole-cache path that torch.compile uses gives the same logits, step by step."""
+    model, tokens, full = model_and_tokens
+    model.static_kv = True
+    try:
+        with torch.inference_mode():
+            out = [model(tokens[:, :5], 0)]
+            for i in range(5, 12):
+                out.append(model(tokens[:, i : i + 1], torch.tensor([i, i])))
+    finally:
+        model.static_kv = False
+    torch.testing.assert_close(torch.cat(out, dim=1), full[:, :12], **FP32)
