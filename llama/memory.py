@@ -191,7 +191,7 @@ def preflight(args: ModelArgs, max_seq_len: int, max_batch_size: int, dtype: tor
     raise ValueError(f"this model needs about {est.describe()} but {source} is {fmt(limit)}{advice}")
 
 
-def main(ckpt_dir: str, max_seq_len: int = 2048, max_batch_size: int = 1, dtype: str = "float16",
+def main(ckpt_dir: str, max_seq_len: int = 2048, max_batch_size: int = 1, dtype: str = "auto",
          quantize: str | None = None, group_size: int = 32, model_parallel_size: int = 1,
          vocab_size: int = 32000, device: str = "cpu", memory_limit: str | None = None) -> None:
     """Print the memory a build would take, reading only params.json."""
@@ -202,7 +202,7 @@ def main(ckpt_dir: str, max_seq_len: int = 2048, max_batch_size: int = 1, dtype:
     if args.vocab_size <= 0:
         args.vocab_size = vocab_size
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    dt = resolve_dtype(dtype, dev, weight_bytes(args, torch.float32) // 4)
     est = estimate(args, max_seq_len, max_batch_size, dt, quantize, group_size, model_parallel_size, dev.type)
     print(f"{ckpt_dir}: {est.describe()}")
     limit, source = (parse_size(memory_limit), "memory_limit") if memory_limit else available_bytes(dev)

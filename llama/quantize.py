@@ -133,7 +133,7 @@ class Int8Linear(nn.Module):
         # PyTorch's fused int8 kernel reads the int8 weights directly; on CPU it is fast for bf16
         # inputs only (measured: fp32/fp16 inputs run at a tenth of the speed of dequantizing),
         # and needs in_features % 16 == 0 (other sizes give wrong results or crash in 2.13).
-        if x.device.type in ("cpu", "mps") and x.dtype == torch.bfloat16 and self.in_features % 16 == 0:
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.in_features % 16 == 0:
             shape = x.shape
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scales)
             return y.view(*shape[:-1], self.out_features)  # (..., out)
@@ -158,7 +158,7 @@ class Int4Linear(nn.Module):
         self.parallel: str | None = None  # fairscale communication, set by convert_linears
 
     def to_kernel_layout(self) -> None:
-        """Repack for PyTorch's CPU int4 kernel, 64 rows at a time (its packing block)."""
+        """Repack for PyTorch's CPU int4 kernel, 1024 rows at a time (it packs blocks of 64 rows)."""
         if self.kernel_layout or not _int4_cpu_kernel_ok(self.weight.device, self.out_features,
                                                          self.in_features, self.group_size):
             return
