@@ -30,6 +30,7 @@ sys.path.insert(0, REPO)
 
 from llama.memory import estimate, weight_bytes  # noqa: E402
 from llama.model import ModelArgs  # noqa: E402
+from llama.quantize import DEFAULT_GROUP_SIZE  # noqa: E402
 
 MODELS_DIR = os.environ.get("LLAMA_MODELS", os.path.join(os.path.dirname(REPO), "shared", "models"))
 # Meta params.json of each shape (vocab 32000: the Llama 2 tokenizer).
@@ -47,6 +48,7 @@ VARIANTS = {
     "bf16": dict(dtype="bfloat16"),
     "int8": dict(dtype="bfloat16", quantize="int8"),
     "int4": dict(dtype="bfloat16", quantize="int4"),
+    "int4-g32": dict(dtype="bfloat16", quantize="int4", group_size=32),
     "fp32+compile": dict(dtype="float32", compile=True),
     "bf16+compile": dict(dtype="bfloat16", compile=True),
 }
@@ -173,10 +175,10 @@ def run_one(model: str, variant: str, ckpt: str, tok: str, threads: int, prompt_
     return res
 
 
-def streamed_bytes(args: ModelArgs, dtype: torch.dtype, quantize: str | None) -> int:
+def streamed_bytes(args: ModelArgs, dtype: torch.dtype, quantize: str | None, group_size: int) -> int:
     """Weights read per decoded token: all but the embedding table (one row of it is read)."""
     b = torch.finfo(dtype).bits // 8
-    return weight_bytes(args, dtype, quantize) - args.vocab_size * args.dim * b
+    return weight_bytes(args, dtype, quantize, group_size) - args.vocab_size * args.dim * b
 
 
 # ---------------------------------------------------------------------------- main
@@ -223,8 +225,9 @@ def main(models: str = ",".join(ALL_MODELS[:-1]), variants: str = "fp32,fp16,bf1
                 res = json.loads(p.stdout.strip().splitlines()[-1])
                 dt = getattr(torch, res["dtype"])
                 bsz = 8 if (batch8 and model != "7B") else 1
-                est = estimate(args, prompt_len + n_gen + 1, bsz, dt, kw.get("quantize"))
-                limit = bw / streamed_bytes(args, dt, kw.get("quantize"))
+                gs = kw.get("group_size", DEFAULT_GROUP_SIZE)
+                est = estimate(args, prompt_len + n_gen + 1, bsz, dt, kw.get("quantize"), gs)
+                limit = bw / streamed_bytes(args, dt, kw.get("quantize"), gs)
                 rows.append((model, variant, res, dict(est=est.total, limit=limit)))
                 log("  " + format_row(rows[-1]))
     finally:

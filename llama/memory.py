@@ -16,6 +16,7 @@ import re
 import torch
 
 from llama.model import ModelArgs
+from llama.quantize import DEFAULT_GROUP_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def _linear_bytes(out_f: int, in_f: int, dtype_bytes: int, quantize: str | None,
 
 
 def weight_bytes(args: ModelArgs, dtype: torch.dtype, quantize: str | None = None,
-                 group_size: int = 32, world_size: int = 1) -> int:
+                 group_size: int = DEFAULT_GROUP_SIZE, world_size: int = 1) -> int:
     """Bytes of one rank's weights (linears split across ranks, norms replicated)."""
     b = torch.finfo(dtype).bits // 8
     mp = world_size
@@ -89,7 +90,7 @@ def weight_bytes(args: ModelArgs, dtype: torch.dtype, quantize: str | None = Non
 
 
 def estimate(args: ModelArgs, max_seq_len: int, max_batch_size: int, dtype: torch.dtype,
-             quantize: str | None = None, group_size: int = 32, world_size: int = 1,
+             quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE, world_size: int = 1,
              device_type: str = "cpu") -> MemoryEstimate:
     """Estimate one rank's memory for a build with these settings (see the module docstring)."""
     b = torch.finfo(dtype).bits // 8
@@ -174,7 +175,7 @@ def _smaller_caches(max_batch_size: int, max_seq_len: int) -> list[tuple[int, in
 
 
 def preflight(args: ModelArgs, max_seq_len: int, max_batch_size: int, dtype: torch.dtype,
-              device: torch.device, quantize: str | None = None, group_size: int = 32,
+              device: torch.device, quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE,
               world_size: int = 1, memory_limit: str | int | None = None) -> MemoryEstimate:
     """Raise ValueError (listing settings that would fit) if the build will not fit; else the estimate."""
     est = estimate(args, max_seq_len, max_batch_size, dtype, quantize, group_size, world_size, device.type)
@@ -192,7 +193,7 @@ def preflight(args: ModelArgs, max_seq_len: int, max_batch_size: int, dtype: tor
 
 
 def main(ckpt_dir: str, max_seq_len: int = 2048, max_batch_size: int = 1, dtype: str = "auto",
-         quantize: str | None = None, group_size: int = 32, model_parallel_size: int = 1,
+         quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE, model_parallel_size: int = 1,
          vocab_size: int = 32000, device: str = "cpu", memory_limit: str | None = None) -> None:
     """Print the memory a build would take, reading only params.json."""
     from llama.checkpoint import read_params

@@ -26,9 +26,10 @@ from llama import parallel
 log = logging.getLogger(__name__)
 
 MODES = ("int8", "int4")
-# Measured on stories260K and random 110M / 7B shapes (benchmarks/RESULTS.md): 32 keeps
-# perplexity closest to fp32; 64 and 128 cost the same speed with the CPU kernel but more error.
-DEFAULT_GROUP_SIZE = 32
+# Measured (benchmarks/RESULTS.md): a 7B-shape int4 build peaks at 4.6 GB with groups of 64 and
+# 5.1 GB with 32, at the same speed. On stories260K, whose rows are only 64 wide, perplexity
+# rises 1.3% / 3.7% / 5.4% with groups of 16 / 32 / 64: tiny models want group_size=32.
+DEFAULT_GROUP_SIZE = 64
 # Elements quantized at once: bounds the fp32 temporaries of big matrices (the output layer of
 # 7B), and keeps them small enough for malloc to reuse instead of fragmenting.
 _CHUNK_ELEMENTS = 1 << 22
