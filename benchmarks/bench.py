@@ -166,6 +166,7 @@ def run_one(model: str, variant: str, ckpt: str, tok: str, threads: int, prompt_
         runs.append((n - 1) / max(tn - t1, 1e-9))
     res["decode1"] = statistics.median(runs)
     if batch8:
+        timed(prompts, 4)  # warm-up of the batch-8 shapes (and their compilation)
         t1, _ = timed(prompts, 1)
         tn, n = timed(prompts, gen)
         res["decode8"] = (n - bsz) / max(tn - t1, 1e-9)
@@ -199,6 +200,7 @@ def main(models: str = ",".join(ALL_MODELS[:-1]), variants: str = "fp32,fp16,bf1
     """Print a markdown table; `out` also writes it (with the command) to a file."""
     cmd = "python benchmarks/bench.py " + " ".join(sys.argv[1:])
     models, variants = _names(models), _names(variants)
+    load_start = _loadavg()
     bw = read_bandwidth(threads)
     log(f"memory read bandwidth: {bw / 1e9:.1f} GB/s ({threads} threads)")
     tmp_dir = tmp or tempfile.mkdtemp(prefix="llama-bench-")
@@ -233,7 +235,7 @@ def main(models: str = ",".join(ALL_MODELS[:-1]), variants: str = "fp32,fp16,bf1
     finally:
         if not keep and tmp is None:
             shutil.rmtree(tmp_dir, ignore_errors=True)
-    table = format_table(rows, bw, threads)
+    table = format_table(rows, bw, threads, load_start)
     print(table)
     if out:
         with open(out, "w") as f:
@@ -254,9 +256,19 @@ def format_row(row) -> str:
             f"{x['est'] / 1e9:.2f} |")
 
 
-def format_table(rows, bw: float, threads: int) -> str:
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().split()[0]
+    except OSError:
+        return "?"
+
+
+def format_table(rows, bw: float, threads: int, load_start: str) -> str:
     lines = [f"CPU, {threads} threads, torch {torch.__version__}; memory read bandwidth {bw / 1e9:.1f} GB/s; "
-             "limit = bandwidth / bytes of weights read per token (batch 1).", "", HEADER,
+             "limit = bandwidth / bytes of weights read per token (batch 1). "
+             f"1-minute load average at start / end: {load_start} / {_loadavg()} "
+             "(other processes on the machine share its cores).", "", HEADER,
              "|" + "---|" * 10]
     return "\n".join(lines + [format_row(r) for r in rows])
 
