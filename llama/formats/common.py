@@ -26,7 +26,7 @@ def torch_load(path: str) -> dict:
 
 
 def _unreadable(path: str, e: Exception) -> ValueError:
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
     return ValueError(f"cannot read {path!r}: truncated, corrupt or not a weights-only torch file ({first})")
 
 

@@ -1,0 +1,108 @@
+"""Convert any supported checkpoint to Meta's layout (any model-parallel size) or to Hugging Face.
+
+    python -m llama.convert SRC DST --to meta --model_parallel_size 2
+    python -m llama.convert SRC DST --to hf [--tokenizer_path tokenizer.model] [--dtype bfloat16]
+
+SRC is a Meta or Hugging Face directory or a llama2.c .bin file; DST is a new directory.
+"""
+
+import logging
+import os
+import shutil
+import sys
+
+import torch
+from tqdm import tqdm
+
+from llama.checkpoint import detect_format, find_tokenizer, load_checkpoint
+from llama.device import DTYPES
+from llama.formats.hf import write_hf
+from llama.formats.meta import write_meta
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("meta", "hf")
+# Meta's params.json has no context length; Llama 2 models were trained with 4096.
+LLAMA2_CONTEXT = 4096
+PROGRESS_MIN_BYTES = 2**30
+
+
+def convert(src: str, dst: str, to: str = "meta", model_parallel_size: int = 1,
+            tokenizer_path: str | None = None, dtype: str | None = None) -> list[str]:
+    """Convert checkpoint `src` into the new directory `dst`; returns the files written.
+
+    Args:
+        src: a Meta or Hugging Face checkpoint directory, or a llama2.c .bin file.
+        dst: output directory; must not exist yet or be empty.
+        to: "meta" (params.json + consolidated.NN.pth) or "hf" (config.json + safetensors).
+        model_parallel_size: number of consolidated.NN.pth shards for "meta".
+        tokenizer_path: tokenizer.model to copy beside the output; by default the one beside src.
+        dtype: cast the weights ("float32", "float16", "bfloat16"); by default keep them.
+    """
+    if to not in FORMATS:
+        raise ValueError(f"unknown output format {to!r}; pass --to meta or --to hf")
+    if to == "hf" and model_parallel_size != 1:
+        raise ValueError("--model_parallel_size applies to --to meta only; Hugging Face output is not split")
+    if dtype is not None and str(dtype).lower() not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; pass --dtype float32, float16 or bfloat16")
+    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
+        raise ValueError(f"output {dst!r} already exists and is not an empty directory; choose a new --dst")
+    source_format = detect_format(src)
+    if tokenizer_path is None:
+        try:
+            tokenizer_path = find_tokenizer(src)
+        except ValueError:
+            log.warning("no tokenizer.model beside %s; pass --tokenizer_path to copy one to the output", src)
+    elif not os.path.isfile(tokenizer_path):
+        raise FileNotFoundError(f"tokenizer {tokenizer_path!r} does not exist; check --tokenizer_path")
+
+    args, state_dict = load_checkpoint(src, 0, 1)
+    if source_format == "meta":
+        args.max_seq_len = LLAMA2_CONTEXT
+        if args.vocab_size == -1:
+            args.vocab_size = state_dict["tok_embeddings.weight"].shape[0]
+    if dtype is not None:
+        state_dict = cast(state_dict, DTYPES[str(dtype).lower()])
+
+    os.makedirs(dst, exist_ok=True)
+    total = sum(t.numel() * t.element_size() for t in state_dict.values())
+    show = sys.stderr.isatty() and total >= PROGRESS_MIN_BYTES
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {to}", disable=not show) as bar:
+        if to == "meta":
+            files = write_meta(args, state_dict, dst, model_parallel_size, progress=bar)
+        else:
+            files = write_hf(args, state_dict, dst, progress=bar)
+    if tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, os.path.join(dst, "tokenizer.model"))
+        files.append("tokenizer.model")
+    log.info("converted %s (%s) -> %s (%s): %s", src, source_format, dst, to, ", ".join(files))
+    return files
+
+
+def cast(state_dict: dict, dtype: torch.dtype) -> dict:
+    """Floating tensors cast to dtype; tied tensors stay tied."""
+    done: dict[int, torch.Tensor] = {}
+    out = {}
+    for key, t in state_dict.items():
+        if id(t) not in done:
+            done[id(t)] = t.to(dtype) if t.is_floating_point() else t
+        out[key] = done[id(t)]
+    return out
+
+
+def main(src: str, dst: str, to: str = "meta", model_parallel_size: int = 1,
+         tokenizer_path: str | None = None, dtype: str | None = None) -> None:
+    """Convert SRC (Meta or Hugging Face directory, llama2.c .bin) to DST in format --to (meta or hf)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        files = convert(src, dst, to, model_parallel_size, tokenizer_path, dtype)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"wrote {', '.join(files)} to {dst}")
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)
