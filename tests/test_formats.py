@@ -221,3 +221,59 @@ def test_file_that_is_no_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="not a checkpoint") as e:
         load_checkpoint(models_path("stories260K", "tok512.bin"))
     one_line_error(e)
+
+
+# ---------------------------------------------------------------- random checkpoints written by transformers
+
+HF_SHAPES = {
+    # Like open_llama_3b: no GQA, untied output, a feed-forward width off Meta's rule, eps 1e-6
+    # (plus a non-default rope_theta, to check it is honoured).
+    "open_llama_3b-like": dict(hidden_size=96, intermediate_size=280, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=4, rms_norm_eps=1e-6,
+                               rope_theta=50000.0, tie_word_embeddings=False),
+    # Like TinyLlama: grouped-query attention (4 query heads per KV head), untied output.
+    "TinyLlama-like": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=3,
+                           num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-5,
+                           tie_word_embeddings=False),
+}
+
+
+def random_hf_model(shape: str):
+    """A transformers LlamaForCausalLM of a small shape with random weights large enough to matter."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, max_position_embeddings=128, **HF_SHAPES[shape])
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1 + 0.2 * torch.randn_like(p))  # norm weights
+            else:
+                p.copy_(torch.randn_like(p) / (1.0 if "embed" in name else p.shape[1] ** 0.5))
+    return model
+
+
+@pytest.fixture(scope="module", params=list(HF_SHAPES))
+def hf_random(request, tmp_path_factory):
+    """(transformers logits on PROMPT, {layout: checkpoint directory}) for one shape."""
+    model = random_hf_model(request.param)
+    root = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(root / "single")
+    model.save_pretrained(root / "sharded", max_shard_size="40KB")
+    (root / "bin").mkdir()
+    shutil.copyfile(root / "single" / "config.json", root / "bin" / "config.json")
+    torch.save(model.state_dict(), root / "bin" / "pytorch_model.bin")
+    with torch.no_grad():
+        expected = model(torch.tensor([PROMPT])).logits[0]
+    return expected, {layout: str(root / layout) for layout in ("single", "sharded", "bin")}
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded", "bin"])
+def test_transformers_checkpoints_give_transformers_logits(hf_random, layout, stories_tokenizer):
+    expected, dirs = hf_random
+    if layout == "sharded":
+        files = os.listdir(dirs[layout])
+        assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 2
+    llama = build(dirs[layout], stories_tokenizer)
+    torch.testing.assert_close(logits(llama), expected, atol=1e-4, rtol=0)

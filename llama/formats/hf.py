@@ -216,6 +216,7 @@ def hf_tensors(args: ModelArgs, state_dict: dict, tied: bool) -> dict[str, torch
 def write_hf(args: ModelArgs, state_dict: dict, out_dir: str, progress=None,
              max_shard_bytes: int = MAX_SHARD_BYTES, bos_id: int = 1, eos_id: int = 2) -> list[str]:
     """Write config.json and safetensors (sharded with an index above max_shard_bytes); returns the files."""
+    os.makedirs(out_dir, exist_ok=True)
     tied = is_tied(state_dict)
     tensors = hf_tensors(args, state_dict, tied)
     groups, size = [[]], 0

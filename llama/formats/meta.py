@@ -47,6 +47,7 @@ def write_meta(args: ModelArgs, state_dict: dict, out_dir: str, model_parallel_s
                progress=None) -> list[str]:
     """Write params.json and one consolidated.NN.pth per rank from full tensors; returns the files."""
     check_parallel_split(args, model_parallel_size)
+    os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "params.json"), "w") as f:
         json.dump(meta_params(args), f)
     names = []
