@@ -17,7 +17,7 @@ from tqdm import tqdm
 from llama.checkpoint import detect_format, find_tokenizer, load_checkpoint
 from llama.device import DTYPES
 from llama.formats.hf import write_hf
-from llama.formats.meta import write_meta
+from llama.formats.meta import save_shard, write_params
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ def convert(src: str, dst: str, to: str = "meta", model_parallel_size: int = 1,
         raise ValueError("--model_parallel_size applies to --to meta only; Hugging Face output is not split")
     if dtype is not None and str(dtype).lower() not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; pass --dtype float32, float16 or bfloat16")
+    dtype = DTYPES[str(dtype).lower()] if dtype is not None else None
     if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
         raise ValueError(f"output {dst!r} already exists and is not an empty directory; choose a new --dst")
     source_format = detect_format(src)
@@ -56,22 +57,23 @@ def convert(src: str, dst: str, to: str = "meta", model_parallel_size: int = 1,
     elif not os.path.isfile(tokenizer_path):
         raise FileNotFoundError(f"tokenizer {tokenizer_path!r} does not exist; check --tokenizer_path")
 
-    args, state_dict = load_checkpoint(src, 0, 1)
+    args, state_dict = load_checkpoint(src, 0, model_parallel_size)
     if source_format == "meta":
         args.max_seq_len = LLAMA2_CONTEXT
         if args.vocab_size == -1:
             args.vocab_size = state_dict["tok_embeddings.weight"].shape[0]
-    if dtype is not None:
-        state_dict = cast(state_dict, DTYPES[str(dtype).lower()])
-
-    os.makedirs(dst, exist_ok=True)
-    total = sum(t.numel() * t.element_size() for t in state_dict.values())
+    total = model_parallel_size * sum(t.numel() * t.element_size() for t in state_dict.values())
     show = sys.stderr.isatty() and total >= PROGRESS_MIN_BYTES
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {to}", disable=not show) as bar:
         if to == "meta":
-            files = write_meta(args, state_dict, dst, model_parallel_size, progress=bar)
+            files = [write_params(args, dst)]
+            for rank in range(model_parallel_size):
+                if rank > 0:  # each rank's slice is read on its own, so one shard is in memory at a time
+                    state_dict = load_checkpoint(src, rank, model_parallel_size)[1]
+                files.append(save_shard(cast(state_dict, dtype), dst, rank))
+                bar.update(total // model_parallel_size)
         else:
-            files = write_hf(args, state_dict, dst, progress=bar)
+            files = write_hf(args, cast(state_dict, dtype), dst, progress=bar)
     if tokenizer_path is not None:
         shutil.copyfile(tokenizer_path, os.path.join(dst, "tokenizer.model"))
         files.append("tokenizer.model")
@@ -79,8 +81,10 @@ def convert(src: str, dst: str, to: str = "meta", model_parallel_size: int = 1,
     return files
 
 
-def cast(state_dict: dict, dtype: torch.dtype) -> dict:
-    """Floating tensors cast to dtype; tied tensors stay tied."""
+def cast(state_dict: dict, dtype: torch.dtype | None) -> dict:
+    """Floating tensors cast to dtype (None: unchanged); tied tensors stay tied."""
+    if dtype is None:
+        return state_dict
     done: dict[int, torch.Tensor] = {}
     out = {}
     for key, t in state_dict.items():

@@ -35,7 +35,7 @@ def test_hf_to_meta_to_hf_round_trip(tmp_path, mp, stories_tokenizer, reference_
     src = models_path("stories260K-hf")
     meta, hf = str(tmp_path / "meta"), str(tmp_path / "hf")
     files = convert(src, meta, to="meta", model_parallel_size=mp, tokenizer_path=stories_tokenizer)
-    assert files == [f"consolidated.{r:02d}.pth" for r in range(mp)] + ["tokenizer.model"]
+    assert files == ["params.json"] + [f"consolidated.{r:02d}.pth" for r in range(mp)] + ["tokenizer.model"]
     # The Meta shards are what Meta's fairscale layers hold: equal to the shared mp2 checkpoint.
     if mp == 2:
         for r in range(2):

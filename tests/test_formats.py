@@ -238,6 +238,9 @@ HF_SHAPES = {
 }
 
 
+HF_LAYOUTS = ("single", "sharded", "bin", "bin-sharded")
+
+
 def random_hf_model(shape: str):
     """A transformers LlamaForCausalLM of a small shape with random weights large enough to matter."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -264,12 +267,22 @@ def hf_random(request, tmp_path_factory):
     (root / "bin").mkdir()
     shutil.copyfile(root / "single" / "config.json", root / "bin" / "config.json")
     torch.save(model.state_dict(), root / "bin" / "pytorch_model.bin")
+    # The older sharded .bin layout: pytorch_model-0000N-of-00002.bin with its index.
+    (root / "bin-sharded").mkdir()
+    shutil.copyfile(root / "single" / "config.json", root / "bin-sharded" / "config.json")
+    keys = list(model.state_dict())
+    weight_map = {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :])):
+        name = f"pytorch_model-{i + 1:05d}-of-00002.bin"
+        torch.save({k: model.state_dict()[k] for k in part}, root / "bin-sharded" / name)
+        weight_map.update({k: name for k in part})
+    (root / "bin-sharded" / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with torch.no_grad():
         expected = model(torch.tensor([PROMPT])).logits[0]
-    return expected, {layout: str(root / layout) for layout in ("single", "sharded", "bin")}
+    return expected, {layout: str(root / layout) for layout in HF_LAYOUTS}
 
 
-@pytest.mark.parametrize("layout", ["single", "sharded", "bin"])
+@pytest.mark.parametrize("layout", HF_LAYOUTS)
 def test_transformers_checkpoints_give_transformers_logits(hf_random, layout, stories_tokenizer):
     expected, dirs = hf_random
     if layout == "sharded":

@@ -33,6 +33,8 @@ LAYER_KEYS = {
     "input_layernorm.weight": "attention_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
 }
+TOP_TO_HF = {meta: hf for hf, meta in TOP_KEYS.items()}
+LAYER_TO_HF = {meta: hf for hf, meta in LAYER_KEYS.items()}
 # Buffers some older checkpoints saved; the model recomputes them.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -54,11 +56,10 @@ def meta_key(key: str) -> str | None:
 
 def hf_key(key: str) -> str:
     """Hugging Face name of a Meta key."""
-    for hf, meta in TOP_KEYS.items():
-        if key == meta:
-            return hf
+    if key in TOP_TO_HF:
+        return TOP_TO_HF[key]
     _, n, rest = key.split(".", 2)  # layers, N, rest
-    return f"model.layers.{n}.{next(h for h, m in LAYER_KEYS.items() if m == rest)}"
+    return f"model.layers.{n}.{LAYER_TO_HF[rest]}"
 
 
 def to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -120,7 +121,10 @@ def weight_files(ckpt_dir: str) -> list[str]:
         path = os.path.join(ckpt_dir, index)
         if os.path.isfile(path):
             with open(path) as f:
-                names = sorted(set(json.load(f)["weight_map"].values()))
+                weight_map = json.load(f).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{path} has no weight_map; it is not a Hugging Face weights index")
+            names = sorted(set(weight_map.values()))
             missing = [n for n in names if not os.path.isfile(os.path.join(ckpt_dir, n))]
             if missing:
                 raise FileNotFoundError(f"{path} lists {missing[:3]}, which are not in {ckpt_dir!r}")

@@ -1,6 +1,7 @@
-"""Writing Meta's release layout: params.json + consolidated.NN.pth for a model-parallel size.
+"""Writing Meta's release layout: params.json + consolidated.NN.pth (one per model-parallel rank).
 
-The reader (any shard count, resharded at load) is `llama.checkpoint.load_meta`.
+The reader (any shard count, resharded at load) is `llama.checkpoint.load_meta`; `llama.convert`
+feeds `save_shard` one rank's slice at a time.
 """
 
 import json
@@ -8,7 +9,6 @@ import os
 
 import torch
 
-from llama.formats.common import check_parallel_split, shard
 from llama.model import ModelArgs
 
 DEFAULT_ROPE_THETA = 10000.0
@@ -43,20 +43,23 @@ def meta_params(args: ModelArgs) -> dict:
     return params
 
 
-def write_meta(args: ModelArgs, state_dict: dict, out_dir: str, model_parallel_size: int = 1,
-               progress=None) -> list[str]:
-    """Write params.json and one consolidated.NN.pth per rank from full tensors; returns the files."""
-    check_parallel_split(args, model_parallel_size)
+def write_params(args: ModelArgs, out_dir: str) -> str:
+    """Write params.json into out_dir (created if needed); returns its name."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "params.json"), "w") as f:
         json.dump(meta_params(args), f)
-    names = []
-    for rank in range(model_parallel_size):
-        # clone: torch.save of a view would store its whole underlying tensor.
-        part = {k: shard(k, t, rank, model_parallel_size).clone() for k, t in state_dict.items()}
-        names.append(f"consolidated.{rank:02d}.pth")
-        torch.save(part, os.path.join(out_dir, names[-1]))
-        if progress is not None:
-            progress.update(sum(t.numel() * t.element_size() for t in part.values()))
-        del part
-    return names
+    return "params.json"
+
+
+def save_shard(state_dict: dict, out_dir: str, rank: int) -> str:
+    """Write one rank's tensors as consolidated.NN.pth; returns its name."""
+    # torch.save of a view stores its whole underlying storage (a mmap'd file), and Meta's files
+    # hold tied weights twice: copy views and repeated tensors.
+    owned, seen = {}, set()
+    for key, t in state_dict.items():
+        whole = t.untyped_storage().nbytes() == t.nbytes and t.untyped_storage().data_ptr() not in seen
+        owned[key] = t if whole else t.clone()
+        seen.add(owned[key].untyped_storage().data_ptr())
+    name = f"consolidated.{rank:02d}.pth"
+    torch.save(owned, os.path.join(out_dir, name))
+    return name
