@@ -1,9 +1,11 @@
-"""Convert any supported checkpoint to Meta's layout (any model-parallel size) or to Hugging Face.
+"""Convert any supported checkpoint to Meta's layout (any model-parallel size), Hugging Face or llama2.c.
 
     python -m llama.convert SRC DST --to meta --model_parallel_size 2
     python -m llama.convert SRC DST --to hf [--tokenizer_path tokenizer.model] [--dtype bfloat16]
+    python -m llama.convert SRC model.bin --to llama2c
 
-SRC is a Meta or Hugging Face directory or a llama2.c .bin file; DST is a new directory.
+SRC is a Meta or Hugging Face directory or a llama2.c .bin file; DST is a new directory (a new
+file for llama2c). tokenizer.model is copied beside the output.
 """
 
 import logging
@@ -17,11 +19,12 @@ from tqdm import tqdm
 from llama.checkpoint import detect_format, find_tokenizer, load_checkpoint
 from llama.device import DTYPES
 from llama.formats.hf import write_hf
+from llama.formats.llama2c import write_llama2c
 from llama.formats.meta import save_shard, write_params
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("meta", "hf")
+FORMATS = ("meta", "hf", "llama2c")
 # Meta's params.json has no context length; Llama 2 models were trained with 4096.
 LLAMA2_CONTEXT = 4096
 PROGRESS_MIN_BYTES = 2**30
@@ -33,19 +36,24 @@ def convert(src: str, dst: str, to: str = "meta", model_parallel_size: int = 1,
 
     Args:
         src: a Meta or Hugging Face checkpoint directory, or a llama2.c .bin file.
-        dst: output directory; must not exist yet or be empty.
-        to: "meta" (params.json + consolidated.NN.pth) or "hf" (config.json + safetensors).
+        dst: output directory, not existing yet or empty (for "llama2c", a new file).
+        to: "meta" (params.json + consolidated.NN.pth), "hf" (config.json + safetensors) or
+            "llama2c" (a version-1 fp32 .bin for run.c).
         model_parallel_size: number of consolidated.NN.pth shards for "meta".
         tokenizer_path: tokenizer.model to copy beside the output; by default the one beside src.
         dtype: cast the weights ("float32", "float16", "bfloat16"); by default keep them.
     """
     if to not in FORMATS:
-        raise ValueError(f"unknown output format {to!r}; pass --to meta or --to hf")
-    if to == "hf" and model_parallel_size != 1:
-        raise ValueError("--model_parallel_size applies to --to meta only; Hugging Face output is not split")
+        raise ValueError(f"unknown output format {to!r}; pass --to meta, hf or llama2c")
+    if to != "meta" and model_parallel_size != 1:
+        raise ValueError(f"--model_parallel_size applies to --to meta only; {to} output is not split")
     if dtype is not None and str(dtype).lower() not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; pass --dtype float32, float16 or bfloat16")
     dtype = DTYPES[str(dtype).lower()] if dtype is not None else None
+    if to == "llama2c" and dtype not in (None, torch.float32):
+        raise ValueError("llama2.c version-1 files are float32; leave out --dtype")
+    if to == "llama2c" and os.path.exists(dst):
+        raise ValueError(f"output {dst!r} already exists; choose a new file name")
     if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
         raise ValueError(f"output {dst!r} already exists and is not an empty directory; choose a new --dst")
     source_format = detect_format(src)
@@ -72,10 +80,16 @@ def convert(src: str, dst: str, to: str = "meta", model_parallel_size: int = 1,
                     state_dict = load_checkpoint(src, rank, model_parallel_size)[1]
                 files.append(save_shard(cast(state_dict, dtype), dst, rank))
                 bar.update(total // model_parallel_size)
-        else:
+        elif to == "hf":
             files = write_hf(args, cast(state_dict, dtype), dst, progress=bar)
-    if tokenizer_path is not None:
-        shutil.copyfile(tokenizer_path, os.path.join(dst, "tokenizer.model"))
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+            files = [write_llama2c(args, state_dict, dst, progress=bar)]
+    folder = dst if os.path.isdir(dst) else os.path.dirname(os.path.abspath(dst))
+    if tokenizer_path is not None and os.path.exists(os.path.join(folder, "tokenizer.model")):
+        log.warning("left the tokenizer.model already in %s as it is", folder)
+    elif tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, os.path.join(folder, "tokenizer.model"))
         files.append("tokenizer.model")
     log.info("converted %s (%s) -> %s (%s): %s", src, source_format, dst, to, ", ".join(files))
     return files
@@ -96,7 +110,7 @@ def cast(state_dict: dict, dtype: torch.dtype | None) -> dict:
 
 def main(src: str, dst: str, to: str = "meta", model_parallel_size: int = 1,
          tokenizer_path: str | None = None, dtype: str | None = None) -> None:
-    """Convert SRC (Meta or Hugging Face directory, llama2.c .bin) to DST in format --to (meta or hf)."""
+    """Convert SRC (Meta or Hugging Face directory, llama2.c .bin) to DST in format --to (meta, hf or llama2c)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         files = convert(src, dst, to, model_parallel_size, tokenizer_path, dtype)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import struct
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ from conftest import REPO, models_path
 from llama.checkpoint import load_checkpoint
 from llama.convert import convert
 from llama.formats.hf import write_hf
-from test_formats import build, logits, random_hf_model, reference_logits  # noqa: F401 (fixture)
+from test_formats import build, legacy_to_v1, logits, random_hf_model, reference_logits  # noqa: F401 (fixture)
 
 HF_CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "rms_norm_eps", "vocab_size", "tie_word_embeddings", "model_type")
@@ -72,6 +73,21 @@ def test_llama2c_to_meta_mp2_matches_shared_split(tmp_path):
         "dim": 64, "n_layers": 5, "n_heads": 8, "n_kv_heads": 4, "multiple_of": 4, "norm_eps": 1e-5, "vocab_size": 512}
 
 
+@pytest.mark.parametrize("src", ["stories260K-hf", "stories260K-meta-mp2"])
+def test_to_llama2c_version1_file(tmp_path, src, stories_tokenizer, reference_logits):
+    """Byte for byte what llama2.c's export.py --version 1 writes (here: rewritten from the legacy file)."""
+    out = tmp_path / "out" / "model.bin"
+    assert convert(models_path(src), str(out), to="llama2c", tokenizer_path=stories_tokenizer) == [
+        "model.bin", "tokenizer.model"]
+    legacy_to_v1(models_path("stories260K", "stories260K.bin"), str(tmp_path / "expected.bin"))
+    got = out.read_bytes()
+    seq_len = 512 if src == "stories260K-hf" else 4096  # Meta's params.json has no context length
+    header = struct.pack("<Ii7iB", 0x616B3432, 1, 64, 172, 5, 8, 4, 512, seq_len, 1)
+    assert got[:256] == header.ljust(256, b"\0")
+    assert got[256:] == (tmp_path / "expected.bin").read_bytes()[256:]
+    torch.testing.assert_close(logits(build(str(out))), reference_logits, atol=1e-5, rtol=0)
+
+
 def test_untied_gqa_model_round_trips_with_sharded_output(tmp_path):
     """A transformers-written TinyLlama-like model -> Meta mp2 -> sharded safetensors with an index."""
     model = random_hf_model("TinyLlama-like")
@@ -98,7 +114,7 @@ def test_convert_errors(tmp_path):
     src = models_path("stories260K-meta")
     with pytest.raises(ValueError, match="divisible by the model-parallel size 3"):
         convert(src, str(tmp_path / "a"), to="meta", model_parallel_size=3)
-    with pytest.raises(ValueError, match="--to meta or --to hf"):
+    with pytest.raises(ValueError, match="--to meta, hf or llama2c"):
         convert(src, str(tmp_path / "b"), to="gguf")
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "old.pth").write_bytes(b"")

@@ -126,3 +126,20 @@ def read_llama2c(path: str, rank: int = 0, world_size: int = 1) -> tuple[ModelAr
     state_dict["tok_embeddings.weight"] = shard("tok_embeddings.weight", embeddings, rank, world_size)
     log.info("read llama2.c checkpoint %s (rank %d of %d)", path, rank, world_size)
     return args, state_dict
+
+
+def write_llama2c(args: ModelArgs, state_dict: dict, path: str, progress=None) -> str:
+    """Write full tensors as a llama2.c version-1 fp32 file (what run.c reads); returns its name."""
+    shared = torch.equal(state_dict["output.weight"], state_dict["tok_embeddings.weight"])
+    ints = (args.dim, args.ffn_hidden_dim, args.n_layers, args.n_heads, args.kv_heads, args.vocab_size, args.max_seq_len)
+    header = struct.pack("<Ii7iB", MAGIC, 1, *ints, int(shared))
+    layer = {}
+    with open(path, "wb") as f:
+        f.write(header.ljust(V1_HEADER_BYTES, b"\0"))
+        for kind, _ in layout(args, shared, V1_ORDER):
+            i = layer[kind] = layer.get(kind, -1) + 1
+            tensor = state_dict[META_KEYS[kind].format(i)]
+            f.write(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
+            if progress is not None:
+                progress.update(tensor.numel() * tensor.element_size())
+    return os.path.basename(path)
