@@ -71,6 +71,16 @@ def test_rank_slices_match_the_mp2_checkpoint(form):
             assert torch.equal(got[key], expected[key]), (form, rank, key)
 
 
+def test_rank_slices_are_views_of_the_mapped_files():
+    """No reader copies weights it does not have to: rank slices are narrow views."""
+    _, sd = load_checkpoint(models_path("stories260K", "stories260K.bin"), 1, 2)
+    assert len({t.untyped_storage().data_ptr() for t in sd.values()}) == 1  # all in the one mapped file
+    for form in ("stories260K-hf", "stories260K-meta"):
+        _, sd = load_checkpoint(models_path(form), 1, 2)
+        for key in ("layers.0.feed_forward.w1.weight", "layers.0.attention.wo.weight", "tok_embeddings.weight"):
+            assert sd[key].untyped_storage().nbytes() == 2 * sd[key].nbytes, (form, key)
+
+
 def test_torchrun_two_ranks_give_reference_text(tmp_path, reference_text, stories_tokenizer):
     """Meta (1 shard and 2), Hugging Face and llama2.c checkpoints on 2 processes (gloo, CPU)."""
     forms = ["stories260K-meta", "stories260K-meta-mp2", "stories260K-hf", "stories260K/stories260K.bin"]

@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from llama.formats.common import check_parallel_split, shard, torch_load
+from llama.formats.common import check_parallel_split, file_kind, shard, torch_load
 from llama.model import ModelArgs
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ def weight_files(ckpt_dir: str) -> list[str]:
 
 def read_tensors(path: str) -> dict[str, torch.Tensor]:
     """All tensors of one safetensors or torch file, memory-mapped."""
-    if not path.endswith(".safetensors"):
+    if file_kind(path) != "safetensors":
         return torch_load(path)
     try:
         with safe_open(path, framework="pt") as f:
