@@ -2,6 +2,11 @@
 
     python example_text_completion.py --ckpt_dir llama-2-7b/ --tokenizer_path tokenizer.model
     torchrun --nproc_per_node 2 example_text_completion.py --ckpt_dir llama-2-13b/ ...
+    python example_text_completion.py --ckpt_dir Llama-2-7b-hf/      # tokenizer.model beside it
+    python example_text_completion.py --ckpt_dir stories15M.bin --tokenizer_path tokenizer.model
+
+--ckpt_dir takes a Meta or Hugging Face directory or a llama2.c .bin file; --tokenizer_path
+defaults to the tokenizer.model beside it.
 """
 
 import fire
@@ -36,7 +41,7 @@ def as_list(value) -> list:
 
 def main(
     ckpt_dir: str,
-    tokenizer_path: str,
+    tokenizer_path: str | None = None,
     temperature: float = 0.6,
     top_p: float = 0.9,
     max_seq_len: int = 128,

@@ -13,7 +13,7 @@ import torch
 
 from llama import parallel
 from llama.chat import Dialog, Message, encode_dialog
-from llama.checkpoint import load_checkpoint
+from llama.checkpoint import find_tokenizer, load_checkpoint
 from llama.device import resolve_device, resolve_dtype
 from llama.model import Transformer
 from llama.sampling import next_token
@@ -74,9 +74,9 @@ class Llama:
     @staticmethod
     def build(
         ckpt_dir: str,
-        tokenizer_path: str,
-        max_seq_len: int,
-        max_batch_size: int,
+        tokenizer_path: str | None = None,
+        max_seq_len: int = 512,
+        max_batch_size: int = 8,
         model_parallel_size: int | None = None,
         seed: int = 1,
         device: str = "auto",
@@ -85,8 +85,8 @@ class Llama:
         """Load a checkpoint and tokenizer and return a ready Llama.
 
         Args:
-            ckpt_dir: checkpoint directory (Meta's params.json + consolidated.NN.pth).
-            tokenizer_path: the sentencepiece tokenizer.model.
+            ckpt_dir: a Meta or Hugging Face checkpoint directory, or a llama2.c .bin file.
+            tokenizer_path: the sentencepiece tokenizer.model; by default the one beside the checkpoint.
             max_seq_len: longest prompt + generation the KV cache holds.
             max_batch_size: rows decoded together; larger batches run in chunks.
             model_parallel_size: number of model-parallel ranks; defaults to torchrun's WORLD_SIZE.
@@ -105,6 +105,7 @@ class Llama:
             torch.cuda.set_device(dev)
         torch.manual_seed(seed)
 
+        tokenizer_path = tokenizer_path or find_tokenizer(ckpt_dir)
         tokenizer = Tokenizer(tokenizer_path)
         args, state_dict = load_checkpoint(ckpt_dir, rank, world)
         n_vocab = state_dict["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in state_dict else None
