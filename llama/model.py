@@ -5,7 +5,6 @@ Runtime buffers (rotary tables, KV cache) are made by `setup_caches` on the weig
 """
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
