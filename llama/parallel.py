@@ -91,6 +91,7 @@ def setup(model_parallel_size: int | None, device: torch.device) -> tuple[int, i
 
 def _destroy_process_group() -> None:
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no rank tears down its connections while others still use them
         torch.distributed.destroy_process_group()
 
 
