@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, models_path
+from conftest import REPO, STORIES_FORMS, models_path
 from llama import Llama
 from llama.checkpoint import load_checkpoint
 
@@ -81,18 +81,11 @@ def test_rank_slices_are_views_of_the_mapped_files():
             assert sd[key].untyped_storage().nbytes() == 2 * sd[key].nbytes, (form, key)
 
 
-def test_torchrun_two_ranks_give_reference_text(tmp_path, reference_text, stories_tokenizer):
+def test_torchrun_two_ranks_give_reference_text(torchrun_results, reference_text):
     """Meta (1 shard and 2), Hugging Face and llama2.c checkpoints on 2 processes (gloo, CPU)."""
-    forms = ["stories260K-meta", "stories260K-meta-mp2", "stories260K-hf", "stories260K/stories260K.bin"]
-    out = tmp_path / "texts.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "torchrun_generate.py"), str(out), stories_tokenizer,
-           *[models_path(f) for f in forms]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
-    texts = json.loads(out.read_text())
-    assert texts == {models_path(f): reference_text for f in forms}
+    assert {form: r["text"] for form, r in torchrun_results.items()} == {
+        form: reference_text for form in STORIES_FORMS
+    }
 
 
 # ---------------------------------------------------------------- llama2.c version 1
