@@ -9,12 +9,12 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_formats import build, legacy_to_v1, logits, random_hf_model, reference_logits  # noqa: F401 (fixture)
 
 from conftest import REPO, models_path
 from llama.checkpoint import load_checkpoint
 from llama.convert import convert
 from llama.formats.hf import write_hf
-from test_formats import build, legacy_to_v1, logits, random_hf_model, reference_logits  # noqa: F401 (fixture)
 
 HF_CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "rms_norm_eps", "vocab_size", "tie_word_embeddings", "model_type")

@@ -4,14 +4,12 @@ import json
 import os
 import shutil
 import struct
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, STORIES_FORMS, models_path
+from conftest import STORIES_FORMS, models_path
 from llama import Llama
 from llama.checkpoint import load_checkpoint
 

@@ -36,7 +36,8 @@ def check_parallel_split(args: ModelArgs, world_size: int) -> None:
         sizes = [m for m in range(1, args.kv_heads + 1) if args.kv_heads % m == 0 and args.n_heads % m == 0]
         raise ValueError(
             f"n_heads={args.n_heads} and n_kv_heads={args.kv_heads} must be divisible by the "
-            f"model-parallel size {world_size}; run with --nproc_per_node (or convert --model_parallel_size) among {sizes}"
+            f"model-parallel size {world_size}; run with --nproc_per_node "
+            f"(or convert --model_parallel_size) among {sizes}"
         )
 
 

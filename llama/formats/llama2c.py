@@ -71,7 +71,9 @@ def read_header(path: str) -> tuple[ModelArgs, bool, int, tuple[str, ...]]:
                 "export it again with llama2.c's export.py --version 1 (fp32), or load the original checkpoint"
             )
         if version != 1 or len(head) < V1_HEADER_BYTES:
-            raise ValueError(f"{path!r} is a llama2.c file of unknown version {version}; only legacy and version 1 load")
+            raise ValueError(
+                f"{path!r} is a llama2.c file of unknown version {version}; only legacy and version 1 load"
+            )
         ints, shared = struct.unpack_from("<7i", head, 8), bool(head[36])
         header_bytes, order = V1_HEADER_BYTES, V1_ORDER
     else:
@@ -131,7 +133,8 @@ def read_llama2c(path: str, rank: int = 0, world_size: int = 1) -> tuple[ModelAr
 def write_llama2c(args: ModelArgs, state_dict: dict, path: str, progress=None) -> str:
     """Write full tensors as a llama2.c version-1 fp32 file (what run.c reads); returns its name."""
     shared = torch.equal(state_dict["output.weight"], state_dict["tok_embeddings.weight"])
-    ints = (args.dim, args.ffn_hidden_dim, args.n_layers, args.n_heads, args.kv_heads, args.vocab_size, args.max_seq_len)
+    ints = (args.dim, args.ffn_hidden_dim, args.n_layers, args.n_heads, args.kv_heads, args.vocab_size,
+            args.max_seq_len)
     header = struct.pack("<Ii7iB", MAGIC, 1, *ints, int(shared))
     layer = {}
     with open(path, "wb") as f:
