@@ -16,6 +16,7 @@ from llama.chat import Dialog, Message, encode_dialog
 from llama.checkpoint import load_checkpoint
 from llama.device import resolve_device, resolve_dtype
 from llama.model import Transformer
+from llama.progress import progress
 from llama.sampling import next_token
 from llama.streaming import RowText, as_stop_list
 from llama.tokenizer import Tokenizer
@@ -64,7 +65,9 @@ def move_state_dict(state_dict: dict, device: torch.device, dtype: torch.dtype) 
     """Each floating tensor to device/dtype, one at a time; tied tensors stay tied."""
     moved: dict[int, torch.Tensor] = {}
     out = {}
-    for key, t in state_dict.items():
+    nbytes = sum(t.numel() * t.element_size() for t in state_dict.values())
+    for key, t in progress(state_dict.items(), total=len(state_dict), desc="loading", unit="tensor",
+                           show=nbytes > 2**30):
         if id(t) not in moved:
             moved[id(t)] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
         out[key] = moved[id(t)]
@@ -333,13 +336,16 @@ class Llama:
         stop: str | list[str] | None = None,
         stop_token_ids: list[int] | None = None,
         seed: int | None = None,
+        echo: bool = False,
     ) -> Iterator[str]:
         """Yield the completion of one prompt as it is generated, in pieces of text.
 
-        The pieces add up to exactly the text text_completion returns with the same arguments.
+        The pieces add up to exactly the text text_completion returns with the same arguments
+        (with `echo`, the prompt's text comes first, spaced as the model's tokens decode).
         """
         tokens = self.tokenizer.encode(prompt, bos=True, eos=False)
-        for deltas in self._stream([tokens], temperature, top_p, max_gen_len, stop, stop_token_ids, seed):
+        for deltas in self._stream([tokens], temperature, top_p, max_gen_len, stop, stop_token_ids,
+                                   seed, echo):
             if deltas and deltas[0]:
                 yield deltas[0]
 
@@ -358,7 +364,8 @@ class Llama:
         The pieces add up to exactly the content chat_completion returns with the same arguments.
         """
         tokens = encode_dialog(self.tokenizer, dialog)
-        for deltas in self._stream([tokens], temperature, top_p, max_gen_len, stop, stop_token_ids, seed):
+        for deltas in self._stream([tokens], temperature, top_p, max_gen_len, stop, stop_token_ids,
+                                   seed, False):
             if deltas and deltas[0]:
                 yield deltas[0]
 
@@ -386,12 +393,12 @@ class Llama:
             preds.append(pred)
         return preds
 
-    def _stream(self, prompt_tokens, temperature, top_p, max_gen_len, stop, stop_token_ids, seed):
+    def _stream(self, prompt_tokens, temperature, top_p, max_gen_len, stop, stop_token_ids, seed, echo):
         """Per step, the new text of every started row."""
         if max_gen_len is None:
             max_gen_len = self.model.max_seq_len - 1
-        texts, check = self._row_texts(prompt_tokens, False, stop)
-        for rows in self.stream_tokens(prompt_tokens, max_gen_len, temperature, top_p,
+        texts, check = self._row_texts(prompt_tokens, echo, stop)
+        for rows in self.stream_tokens(prompt_tokens, max_gen_len, temperature, top_p, echo=echo,
                                        stop_token_ids=stop_token_ids, seed=seed, stop_check=check):
             deltas = []
             for text, row in zip(texts, rows):
