@@ -91,7 +91,7 @@ def complete(
     if prompt is None:
         if sys.stdin.isatty():
             raise ValueError("give a prompt: llama complete --ckpt_dir DIR \"text\" (or pipe it on stdin)")
-        prompt = sys.stdin.read()
+        prompt = sys.stdin.read().removesuffix("\n")
     generator = build(ckpt_dir, tokenizer_path, max_seq_len, 1, device, dtype, seed)
     pieces = generator.stream_text_completion(
         str(prompt), temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, stop=stop,

@@ -194,3 +194,17 @@ def test_download_sh(server, tmp_path, downloader):
         assert proc.returncode != 0
         assert message in proc.stderr and ("new URL" in proc.stderr or "run again" in proc.stderr)
         assert no_valid_looking_file(tmp_path / "llama-2-7b" / "consolidated.00.pth")
+
+
+def test_llama_download_command(server, tmp_path, monkeypatch, capsys):
+    from llama.cli import main
+
+    server.routes["/stories260K/stories260K.bin"] = (WEIGHTS, "ok")
+    server.routes["/stories260K/tok512.model"] = (b"tok", "ok")
+    monkeypatch.setenv("LLAMA_TINYLLAMAS_URL", server.url)
+    main(["download", "stories260K", "--target_folder", str(tmp_path)])
+    assert (tmp_path / "stories260K" / "stories260K.bin").read_bytes() == WEIGHTS
+    assert "stories260K: downloaded to" in capsys.readouterr().out
+    url = meta_release(server, kind="403")
+    with pytest.raises(SystemExit, match="error: consolidated.00.pth: the server refused"):
+        main(["download", "7B", "--url", url, "--target_folder", str(tmp_path)])

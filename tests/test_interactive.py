@@ -57,7 +57,8 @@ def test_long_session_trims_oldest_exchanges():
 
 
 def test_session_reset_and_system_prompt_kept(stories):
-    session = ChatSession(stories, "Be brief.", max_gen_len=400, temperature=0)  # 400 reserved: trims early
+    session = ChatSession(stories, "Be brief.", max_gen_len=8, temperature=0)
+    session.reserve = 400  # room kept for an answer: the dialog must fit 112 tokens
     for i in range(4):
         "".join(session.ask(f"Tell me about the number {i} and a big red ball in the park"))
         dialog, tokens = session.fit("next")

@@ -11,9 +11,6 @@ from conftest import REPO, models_path
 from llama import Llama
 from llama.checkpoint import torch_load
 
-MARKER = Path("/nonexistent")  # replaced per test
-
-
 class Payload:
     """Unpickling this object creates the marker file: code that must never run."""
 

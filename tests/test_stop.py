@@ -26,13 +26,13 @@ def test_first_of_several_stop_strings(stories, reference_text):
 
 
 def test_stop_token_ids_per_row(stories):
-    # The stories model ends a story with BOS (id 1); rows stop there, each on its own.
-    out, _ = stories.generate([[1], [1, 365]], max_gen_len=400, temperature=0, stop_token_ids=[1])
-    free, _ = stories.generate([[1], [1, 365]], max_gen_len=400, temperature=0)
+    prompts = [[1], [1, 365]]
+    free, _ = stories.generate(prompts, max_gen_len=40, temperature=0)
+    stop_id = free[0][10]  # a token row 0 generates; each row stops before its first one
+    out, _ = stories.generate(prompts, max_gen_len=40, temperature=0, stop_token_ids=[stop_id])
     for row, full in zip(out, free):
-        assert 1 not in row
-        if 1 in full:
-            assert row == full[: full.index(1)]
+        assert row == (full[: full.index(stop_id)] if stop_id in full else full)
+    assert len(out[0]) <= 10
 
 
 def test_stream_with_stop_matches(stories, reference_text):
@@ -59,3 +59,12 @@ def test_stop_helpers():
     assert held_back("abc", []) == 0
     with pytest.raises(ValueError, match="non-empty"):
         as_stop_list(["ok", ""])
+
+
+def test_stop_strings_across_batch_chunks(stories):
+    prompts = [f"Once upon a time, {name}" for name in ["Lily", "Tom", "Ben", "Sue", "Max"]] * 2  # 10 > batch 8
+    batched = stories.text_completion(prompts, temperature=0, max_gen_len=40, stop=["park", "."])
+    for prompt, out in zip(prompts[:5], batched[:5]):
+        assert out == stories.text_completion([prompt], temperature=0, max_gen_len=40, stop=["park", "."])[0]
+    assert batched[:5] == batched[5:]
+    assert all("." not in o["generation"] and "park" not in o["generation"] for o in batched)
