@@ -4,6 +4,7 @@ import ast
 import io
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -81,3 +82,27 @@ def test_ctrl_c_stops_the_answer_not_the_program(stories, monkeypatch, capsys):
     assert out.count("Once upon [stopped]") == 2  # both turns ran; the program went on
     assert "unknown command /bogus" in out
     monkeypatch.undo()
+
+
+def test_sigint_stops_answer_in_real_process():
+    cmd = [sys.executable, "-m", "llama.cli", "chat", "--ckpt_dir", models_path("stories260K-meta"),
+           "--tokenizer_path", models_path("stories260K", "tok512.model"), "--device", "cpu",
+           "--temperature", "0", "--max_seq_len", "512", "--max_gen_len", "480"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, cwd=REPO)
+    try:
+        proc.stdin.write(b"Tell me a story\n")
+        proc.stdin.flush()
+        seen = b""
+        while b"> Tell me a story\n" not in seen or seen.endswith(b"story\n"):
+            byte = proc.stdout.read(1)
+            assert byte, proc.stderr.read().decode()[-2000:]
+            seen += byte
+        proc.send_signal(signal.SIGINT)  # while the answer streams
+        out, err = proc.communicate(b"again\n/exit\n", timeout=60)
+    finally:
+        proc.kill()
+    text = (seen + out).decode()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert "[stopped]" in text and "> again" in text
