@@ -9,6 +9,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import runpy
 import sys
 
 import fire
@@ -36,7 +37,8 @@ def find_tokenizer(ckpt_dir: str) -> str:
             path = os.path.join(candidate, name)
             if os.path.isfile(path):
                 return path
-    raise FileNotFoundError(f"no tokenizer.model in {folder!r} or the folder above it; pass --tokenizer_path")
+    raise FileNotFoundError(
+        f"no tokenizer.model in {folder!r} or the folder above it; pass --tokenizer_path")
 
 
 def as_list(value) -> list:
@@ -187,24 +189,26 @@ def download(
 
 
 def _delegate(module_name: str, argv: list[str], name: str) -> None:
-    module = importlib.import_module(module_name)
-    fire.Fire(module.main, command=argv, name=name)
+    """Run `python -m module_name ARGV` in this process, whatever parser the module uses."""
+    sys.argv = [name, *argv]
+    runpy.run_module(module_name, run_name="__main__", alter_sys=True)
 
 
 def _listed(command: str, module_name: str):
     def run():
         pass  # never called: main() hands these commands to their module
 
-    run.__doc__ = f"Run {module_name}; see: llama {command} --help"
+    run.__doc__ = f"Same as python -m {module_name}; see: llama {command} --help"
     return run
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in OPTIONAL_COMMANDS:
-        if importlib.util.find_spec(OPTIONAL_COMMANDS[argv[0]]) is None:
-            sys.exit(f"llama {argv[0]} is not available in this install ({OPTIONAL_COMMANDS[argv[0]]} is missing)")
-        return _delegate(OPTIONAL_COMMANDS[argv[0]], argv[1:], f"llama {argv[0]}")
+        module_name = OPTIONAL_COMMANDS[argv[0]]
+        if importlib.util.find_spec(module_name) is None:
+            sys.exit(f"llama {argv[0]} is not available in this install ({module_name} is missing)")
+        return _delegate(module_name, argv[1:], f"llama {argv[0]}")
     commands = {"complete": complete, "chat": chat, "download": download}
     for command, module_name in OPTIONAL_COMMANDS.items():
         if importlib.util.find_spec(module_name) is not None:

@@ -39,7 +39,8 @@ STORIES = {
     "stories15M": [("stories15M.bin", "stories15M.bin"), ("tokenizer.model", None)],
     "stories42M": [("stories42M.bin", "stories42M.bin"), ("tokenizer.model", None)],
     "stories110M": [("stories110M.bin", "stories110M.bin"), ("tokenizer.model", None)],
-    "stories260K": [("stories260K.bin", "stories260K/stories260K.bin"), ("tok512.model", "stories260K/tok512.model")],
+    "stories260K": [("stories260K.bin", "stories260K/stories260K.bin"),
+                    ("tok512.model", "stories260K/tok512.model")],
 }
 
 _HTML_START = re.compile(rb"^\s*(<!doctype html|<html|<\?xml[^>]*>\s*<error)", re.I)
@@ -133,7 +134,8 @@ def _fetch(url: str, part: str, name: str, timeout: float) -> None:
         raise _Interrupted(f"cannot reach {_where(url)} ({getattr(e, 'reason', e)})") from None
     with response:
         if response.status == 206:
-            start = int(re.match(r"bytes (\d+)-", response.headers.get("Content-Range", "bytes 0-")).group(1))
+            content_range = response.headers.get("Content-Range", "bytes 0-")
+            start = int(re.match(r"bytes (\d+)-", content_range).group(1))
             if start != have:
                 raise DownloadError(f"{name}: the server resumed at byte {start}, not {have}; "
                                     f"delete {part} and run again")
@@ -158,7 +160,8 @@ def _write_body(response, part: str, name: str, have: int, total: int | None) ->
             try:
                 block = response.read(1 << 20)
             except (http.client.IncompleteRead, ConnectionError, socket.timeout) as e:
-                raise _Interrupted(f"the connection broke after {got} of {total or '?'} bytes ({type(e).__name__})") from None
+                raise _Interrupted(f"the connection broke after {got} of {total or '?'} bytes "
+                                   f"({type(e).__name__})") from None
             if not block:
                 break
             if first and not have and _HTML_START.match(block[:512]):

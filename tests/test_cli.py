@@ -60,3 +60,18 @@ def test_user_error_is_one_line(installed, tmp_path):
     proc = run([script, "complete", "--ckpt_dir", str(tmp_path / "missing"), "hi"], env)
     assert proc.returncode != 0
     assert proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stderr
+
+
+def test_optional_commands_are_delegated(tmp_path, monkeypatch, capsys):
+    from llama import cli
+
+    (tmp_path / "fake_convert.py").write_text(
+        "import fire\n\ndef main(src: str, size: int = 1):\n    print('converted', src, size)\n\n"
+        "if __name__ == '__main__':\n    fire.Fire(main)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "OPTIONAL_COMMANDS", {"convert": "fake_convert", "bench": "no_such_module"})
+    monkeypatch.setattr(sys, "argv", ["llama"])
+    cli.main(["convert", "model_dir", "--size", "2"])
+    assert capsys.readouterr().out == "converted model_dir 2\n"
+    with pytest.raises(SystemExit, match="llama bench is not available"):
+        cli.main(["bench"])
