@@ -27,6 +27,7 @@ class ChatSession:
         self.sampling = sampling  # temperature, top_p, stop, stop_token_ids, seed
         self.history: list[Message] = []  # user, assistant, user, assistant, ...
         self.turn = 0
+        self.dropped = 0  # exchanges dropped by the last fit
         max_seq_len = generator.model.max_seq_len
         # Room kept for the answer when deciding what to trim.
         self.reserve = min(max_gen_len or max_seq_len // 4, max_seq_len - 1)
@@ -39,12 +40,14 @@ class ChatSession:
         max_seq_len = self.generator.model.max_seq_len
         message: Message = {"role": "user", "content": user}
         check_dialog(self.system + [message])
+        self.dropped = 0
         while True:
             dialog = self.system + self.history + [message]
             tokens = encode_dialog(self.generator.tokenizer, dialog)
             if len(tokens) + self.reserve <= max_seq_len or not self.history:
                 break
             del self.history[:2]
+            self.dropped += 1
             log.info("dropped the oldest exchange to fit max_seq_len=%d (%d left)", max_seq_len,
                      len(self.history) // 2)
         if len(tokens) >= max_seq_len:
@@ -117,7 +120,9 @@ def chat_loop(generator: Llama, system_prompt: str | None = None, max_gen_len: i
             continue
         stream = session.ask(text)
         try:
-            for piece in stream:
+            for i, piece in enumerate(stream):
+                if i == 0 and session.dropped:
+                    print(f"(forgot the {session.dropped} oldest exchange(s) to fit max_seq_len)")
                 print(piece, end="", flush=True)
         except KeyboardInterrupt:
             stream.close()
