@@ -178,6 +178,9 @@ def download(
         for name in stories:
             print(f"{name}: downloaded to {dl.download_stories(name, target_folder)}")
         return
+    if (url is None or not names) and not sys.stdin.isatty():
+        raise ValueError("pass --url (the URL from Meta's email) and the models, e.g. "
+                         "llama download 7B-chat --url URL")
     if url is None:
         url = input("Enter the URL from email: ").strip()
     if not names:
