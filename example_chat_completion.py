@@ -60,10 +60,12 @@ def main(
     prompts: str | list[str] | None = None,
     system_prompt: str | None = None,
     seed: int = 1,
+    interactive: bool = False,
 ):
     """Print each dialog and the assistant's answer (Meta's demo dialogs unless --prompts is given).
 
-    Each of --prompts becomes a one-turn dialog, after --system_prompt if given.
+    Each of --prompts becomes a one-turn dialog, after --system_prompt if given. With
+    --interactive, chat instead: answers stream as they are generated; /reset, /exit.
     """
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
@@ -74,6 +76,11 @@ def main(
         device=device,
         dtype=dtype,
     )
+    if interactive:
+        from llama.interactive import chat_loop
+
+        chat_loop(generator, system_prompt, max_gen_len, temperature=temperature, top_p=top_p)
+        return
     if prompts is None:
         dialogs = DEMO_DIALOGS
     else:

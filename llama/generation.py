@@ -6,7 +6,7 @@ tokenizer, sampling and the chat template.
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TypedDict
 
 import torch
@@ -16,7 +16,9 @@ from llama.chat import Dialog, Message, encode_dialog
 from llama.checkpoint import find_tokenizer, load_checkpoint
 from llama.device import resolve_device, resolve_dtype
 from llama.model import Transformer
+from llama.progress import progress
 from llama.sampling import next_token
+from llama.streaming import RowText, as_stop_list
 from llama.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,9 @@ def move_state_dict(state_dict: dict, device: torch.device, dtype: torch.dtype) 
     """Each floating tensor to device/dtype, one at a time; tied tensors stay tied."""
     moved: dict[int, torch.Tensor] = {}
     out = {}
-    for key, t in state_dict.items():
+    nbytes = sum(t.numel() * t.element_size() for t in state_dict.values())
+    for key, t in progress(state_dict.items(), total=len(state_dict), desc="loading", unit="tensor",
+                           show=nbytes > 2**30):
         if id(t) not in moved:
             moved[id(t)] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
         out[key] = moved[id(t)]
@@ -181,10 +185,13 @@ class Llama:
         echo: bool = False,
         stop_token_ids: list[int] | None = None,
         seed: int | None = None,
+        stop_check: Callable[[int, dict], bool] | None = None,
     ) -> Iterator[list[dict]]:
         """Like generate, but yields the state of every row after each decoding step.
 
         Each row is a dict with "tokens", "logprobs" (as generate returns them) and "done".
+        `stop_check(i, row)`, called after a token is added to row i, returns True to finish
+        that row (the token stays); the other rows go on.
         """
         self._check_prompts(prompt_tokens, max_gen_len)
         generator = None
@@ -195,8 +202,9 @@ class Llama:
         finished: list[dict] = []
         for i in range(0, len(prompt_tokens), bs):
             chunk = prompt_tokens[i : i + bs]
+            check = None if stop_check is None else (lambda b, r, i=i: stop_check(i + b, r))
             for rows in self._generate_batch(chunk, max_gen_len, temperature, top_p,
-                                             logprobs, echo, stop, generator):
+                                             logprobs, echo, stop, generator, check):
                 yield finished + rows
             finished = finished + rows
 
@@ -218,7 +226,8 @@ class Llama:
             if bad:
                 raise ValueError(f"prompt {i} has token ids {bad[:5]} outside the vocabulary 0..{vocab - 1}")
 
-    def _generate_batch(self, prompts, max_gen_len, temperature, top_p, logprobs, echo, stop, generator):
+    def _generate_batch(self, prompts, max_gen_len, temperature, top_p, logprobs, echo, stop, generator,
+                        stop_check=None):
         """Prefill all prompts in one forward, then decode; yields the rows after every step."""
         model, dev = self.model, self.device
         bsz = len(prompts)
@@ -266,7 +275,7 @@ class Llama:
                 if logprobs:
                     r["logprobs"].append(lp[b])
                 n_gen[b] += 1
-                r["done"] = n_gen[b] >= budgets[b]
+                r["done"] = n_gen[b] >= budgets[b] or (stop_check is not None and stop_check(b, r))
             yield rows
             if all(r["done"] for r in rows):
                 return
@@ -288,14 +297,16 @@ class Llama:
         echo: bool = False,
         stop_token_ids: list[int] | None = None,
         seed: int | None = None,
+        stop: str | list[str] | None = None,
     ) -> list[CompletionPrediction]:
-        """Complete each prompt; max_gen_len defaults to max_seq_len - 1."""
-        if max_gen_len is None:
-            max_gen_len = self.model.max_seq_len - 1
+        """Complete each prompt; max_gen_len defaults to max_seq_len - 1.
+
+        A row ends at EOS, any of `stop_token_ids`, or the first of the `stop` strings, which
+        the returned text leaves out; the other rows go on.
+        """
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
-        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs,
-                                    echo, stop_token_ids, seed)
-        return [self._prediction(t, lps[i] if logprobs else None) for i, t in enumerate(tokens)]
+        return self._complete(prompt_tokens, temperature, top_p, max_gen_len, logprobs, echo,
+                              stop_token_ids, seed, stop)
 
     def chat_completion(
         self,
@@ -305,22 +316,93 @@ class Llama:
         max_gen_len: int | None = None,
         logprobs: bool = False,
         seed: int | None = None,
+        stop: str | list[str] | None = None,
+        stop_token_ids: list[int] | None = None,
     ) -> list[ChatPrediction]:
-        """Answer each dialog as the assistant, using the Llama 2 chat template."""
+        """Answer each dialog as the assistant, using the Llama 2 chat template.
+
+        `stop` and `stop_token_ids` end an answer as in text_completion.
+        """
+        prompt_tokens = [encode_dialog(self.tokenizer, d) for d in dialogs]  # validates first
+        preds = self._complete(prompt_tokens, temperature, top_p, max_gen_len, logprobs, False,
+                               stop_token_ids, seed, stop)
+        return [{**p, "generation": {"role": "assistant", "content": p["generation"]}} for p in preds]
+
+    def stream_text_completion(
+        self,
+        prompt: str,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | None = None,
+        stop: str | list[str] | None = None,
+        stop_token_ids: list[int] | None = None,
+        seed: int | None = None,
+        echo: bool = False,
+    ) -> Iterator[str]:
+        """Yield the completion of one prompt as it is generated, in pieces of text.
+
+        The pieces add up to exactly the text text_completion returns with the same arguments
+        (with `echo`, the prompt's text comes first, spaced as the model's tokens decode).
+        """
+        tokens = self.tokenizer.encode(prompt, bos=True, eos=False)
+        for deltas in self._stream([tokens], temperature, top_p, max_gen_len, stop, stop_token_ids,
+                                   seed, echo):
+            if deltas and deltas[0]:
+                yield deltas[0]
+
+    def stream_chat_completion(
+        self,
+        dialog: Dialog,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | None = None,
+        stop: str | list[str] | None = None,
+        stop_token_ids: list[int] | None = None,
+        seed: int | None = None,
+    ) -> Iterator[str]:
+        """Yield the assistant's answer to one dialog as it is generated, in pieces of text.
+
+        The pieces add up to exactly the content chat_completion returns with the same arguments.
+        """
+        tokens = encode_dialog(self.tokenizer, dialog)
+        for deltas in self._stream([tokens], temperature, top_p, max_gen_len, stop, stop_token_ids,
+                                   seed, False):
+            if deltas and deltas[0]:
+                yield deltas[0]
+
+    def _row_texts(self, prompt_tokens, echo, stop):
+        stop = as_stop_list(stop)
+        texts = [RowText(self.tokenizer, stop, len(p) if echo else 0) for p in prompt_tokens]
+        check = (lambda i, row: texts[i].update(row["tokens"])) if stop else None
+        return texts, check
+
+    def _complete(self, prompt_tokens, temperature, top_p, max_gen_len, logprobs, echo,
+                  stop_token_ids, seed, stop) -> list[dict]:
         if max_gen_len is None:
             max_gen_len = self.model.max_seq_len - 1
-        prompt_tokens = [encode_dialog(self.tokenizer, d) for d in dialogs]  # validates first
-        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs,
-                                    seed=seed)
-        out = []
-        for i, t in enumerate(tokens):
-            pred = self._prediction(t, lps[i] if logprobs else None)
-            out.append({**pred, "generation": {"role": "assistant", "content": pred["generation"]}})
-        return out
+        texts, check = self._row_texts(prompt_tokens, echo, stop)
+        for rows in self.stream_tokens(prompt_tokens, max_gen_len, temperature, top_p, logprobs,
+                                       echo, stop_token_ids, seed, stop_check=check):
+            pass
+        preds = []
+        for text, row in zip(texts, rows):
+            text.update(row["tokens"])
+            pred = {"generation": text.text}
+            if logprobs:
+                pred["tokens"] = self.tokenizer.decode_pieces(row["tokens"])
+                pred["logprobs"] = row["logprobs"]
+            preds.append(pred)
+        return preds
 
-    def _prediction(self, tokens: list[int], logprobs: list[float] | None) -> dict:
-        pred = {"generation": self.tokenizer.decode(tokens)}
-        if logprobs is not None:
-            pred["tokens"] = self.tokenizer.decode_pieces(tokens)
-            pred["logprobs"] = logprobs
-        return pred
+    def _stream(self, prompt_tokens, temperature, top_p, max_gen_len, stop, stop_token_ids, seed, echo):
+        """Per step, the new text of every started row."""
+        if max_gen_len is None:
+            max_gen_len = self.model.max_seq_len - 1
+        texts, check = self._row_texts(prompt_tokens, echo, stop)
+        for rows in self.stream_tokens(prompt_tokens, max_gen_len, temperature, top_p, echo=echo,
+                                       stop_token_ids=stop_token_ids, seed=seed, stop_check=check):
+            deltas = []
+            for text, row in zip(texts, rows):
+                text.update(row["tokens"])
+                deltas.append(text.delta(final=row["done"]))
+            yield deltas
