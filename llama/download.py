@@ -10,7 +10,6 @@ import http.client
 import logging
 import os
 import re
-import socket
 import time
 import urllib.error
 import urllib.parse
@@ -130,7 +129,7 @@ def _fetch(url: str, part: str, name: str, timeout: float) -> None:
             raise DownloadError(f"{name}: the server refused the download (HTTP {e.code}); the signed "
                                 f"URL has expired or was not copied whole; {NEW_URL_HINT}") from None
         raise DownloadError(f"{name}: HTTP {e.code} {e.reason} from {_where(url)}") from None
-    except (urllib.error.URLError, socket.timeout, ConnectionError) as e:
+    except (TimeoutError, urllib.error.URLError, ConnectionError) as e:
         raise _Interrupted(f"cannot reach {_where(url)} ({getattr(e, 'reason', e)})") from None
     with response:
         if response.status == 206:
@@ -159,7 +158,7 @@ def _write_body(response, part: str, name: str, have: int, total: int | None) ->
         while True:
             try:
                 block = response.read(1 << 20)
-            except (http.client.IncompleteRead, ConnectionError, socket.timeout) as e:
+            except (TimeoutError, http.client.IncompleteRead, ConnectionError) as e:
                 raise _Interrupted(f"the connection broke after {got} of {total or '?'} bytes "
                                    f"({type(e).__name__})") from None
             if not block:

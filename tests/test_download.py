@@ -155,7 +155,8 @@ def test_meta_release_expired_checklist(server, tmp_path):
 
 
 def test_stories_by_name(server, tmp_path):
-    server.routes["/stories260K/stories260K.bin"] = (Path(models_path("stories260K", "stories260K.bin")).read_bytes(), "ok")
+    weights = Path(models_path("stories260K", "stories260K.bin")).read_bytes()
+    server.routes["/stories260K/stories260K.bin"] = (weights, "ok")
     server.routes["/stories260K/tok512.model"] = (Path(models_path("stories260K", "tok512.model")).read_bytes(), "ok")
     server.routes["/tokenizer.model"] = (Path(models_path("llama2-tokenizer", "tokenizer.model")).read_bytes(), "ok")
     server.routes["/stories15M.bin"] = (WEIGHTS, "ok")

@@ -2,7 +2,6 @@
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch
 from conftest import REPO, models_path
 from llama import Llama
 from llama.checkpoint import torch_load
+
 
 class Payload:
     """Unpickling this object creates the marker file: code that must never run."""
