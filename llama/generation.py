@@ -74,6 +74,14 @@ def move_state_dict(state_dict: dict, device: torch.device, dtype: torch.dtype) 
     return out
 
 
+def last(iterable):
+    """The final item of an iterable (runs a generator to its end)."""
+    item = None
+    for item in iterable:  # noqa: B007
+        pass
+    return item
+
+
 class Llama:
     @staticmethod
     def build(
@@ -164,15 +172,9 @@ class Llama:
         With `echo`, the prompt tokens (and their logprobs; 0.0 for the first) come first.
         Batches larger than max_batch_size run in chunks. `seed` seeds this call's sampler.
         """
-        out_tokens: list[list[int]] = []
-        out_logprobs: list[list[float]] = []
-        for rows in self.stream_tokens(prompt_tokens, max_gen_len, temperature, top_p,
-                                       logprobs, echo, stop_token_ids, seed):
-            pass
-        for row in rows:
-            out_tokens.append(row["tokens"])
-            out_logprobs.append(row["logprobs"])
-        return out_tokens, (out_logprobs if logprobs else None)
+        rows = last(self.stream_tokens(prompt_tokens, max_gen_len, temperature, top_p,
+                                       logprobs, echo, stop_token_ids, seed))
+        return [r["tokens"] for r in rows], ([r["logprobs"] for r in rows] if logprobs else None)
 
     @torch.inference_mode()
     def stream_tokens(
@@ -345,10 +347,7 @@ class Llama:
         (with `echo`, the prompt's text comes first, spaced as the model's tokens decode).
         """
         tokens = self.tokenizer.encode(prompt, bos=True, eos=False)
-        for deltas in self._stream([tokens], temperature, top_p, max_gen_len, stop, stop_token_ids,
-                                   seed, echo):
-            if deltas and deltas[0]:
-                yield deltas[0]
+        yield from self._stream_one(tokens, temperature, top_p, max_gen_len, stop, stop_token_ids, seed, echo)
 
     def stream_chat_completion(
         self,
@@ -365,10 +364,7 @@ class Llama:
         The pieces add up to exactly the content chat_completion returns with the same arguments.
         """
         tokens = encode_dialog(self.tokenizer, dialog)
-        for deltas in self._stream([tokens], temperature, top_p, max_gen_len, stop, stop_token_ids,
-                                   seed, False):
-            if deltas and deltas[0]:
-                yield deltas[0]
+        yield from self._stream_one(tokens, temperature, top_p, max_gen_len, stop, stop_token_ids, seed, False)
 
     def _row_texts(self, prompt_tokens, echo, stop):
         stop = as_stop_list(stop)
@@ -381,9 +377,8 @@ class Llama:
         if max_gen_len is None:
             max_gen_len = self.model.max_seq_len - 1
         texts, check = self._row_texts(prompt_tokens, echo, stop)
-        for rows in self.stream_tokens(prompt_tokens, max_gen_len, temperature, top_p, logprobs,
-                                       echo, stop_token_ids, seed, stop_check=check):
-            pass
+        rows = last(self.stream_tokens(prompt_tokens, max_gen_len, temperature, top_p, logprobs,
+                                       echo, stop_token_ids, seed, stop_check=check))
         preds = []
         for text, row in zip(texts, rows):
             text.update(row["tokens"])
@@ -394,15 +389,13 @@ class Llama:
             preds.append(pred)
         return preds
 
-    def _stream(self, prompt_tokens, temperature, top_p, max_gen_len, stop, stop_token_ids, seed, echo):
-        """Per step, the new text of every started row."""
+    def _stream_one(self, tokens, temperature, top_p, max_gen_len, stop, stop_token_ids, seed, echo):
+        """The new text of one prompt's row after every step, when there is any."""
         if max_gen_len is None:
             max_gen_len = self.model.max_seq_len - 1
-        texts, check = self._row_texts(prompt_tokens, echo, stop)
-        for rows in self.stream_tokens(prompt_tokens, max_gen_len, temperature, top_p, echo=echo,
-                                       stop_token_ids=stop_token_ids, seed=seed, stop_check=check):
-            deltas = []
-            for text, row in zip(texts, rows):
-                text.update(row["tokens"])
-                deltas.append(text.delta(final=row["done"]))
-            yield deltas
+        (text,), check = self._row_texts([tokens], echo, stop)
+        for (row,) in self.stream_tokens([tokens], max_gen_len, temperature, top_p, echo=echo,
+                                         stop_token_ids=stop_token_ids, seed=seed, stop_check=check):
+            text.update(row["tokens"])
+            if delta := text.delta(final=row["done"]):
+                yield delta
