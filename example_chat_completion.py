@@ -1,6 +1,10 @@
 """Answer dialogs with a Llama 2 chat checkpoint (Meta's flags, plus device/dtype and your own prompts).
 
     python example_chat_completion.py --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model
+    python example_chat_completion.py --ckpt_dir Llama-2-7b-chat-hf/   # tokenizer.model beside it
+
+--ckpt_dir takes a Meta or Hugging Face directory or a llama2.c .bin file; --tokenizer_path
+defaults to the tokenizer.model beside it.
 """
 
 import fire
@@ -45,7 +49,7 @@ DEMO_DIALOGS: list[Dialog] = [
 
 def main(
     ckpt_dir: str,
-    tokenizer_path: str,
+    tokenizer_path: str | None = None,
     temperature: float = 0.6,
     top_p: float = 0.9,
     max_seq_len: int = 512,
@@ -56,10 +60,12 @@ def main(
     prompts: str | list[str] | None = None,
     system_prompt: str | None = None,
     seed: int = 1,
+    interactive: bool = False,
 ):
     """Print each dialog and the assistant's answer (Meta's demo dialogs unless --prompts is given).
 
-    Each of --prompts becomes a one-turn dialog, after --system_prompt if given.
+    Each of --prompts becomes a one-turn dialog, after --system_prompt if given. With
+    --interactive, chat instead: answers stream as they are generated; /reset, /exit.
     """
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
@@ -70,6 +76,11 @@ def main(
         device=device,
         dtype=dtype,
     )
+    if interactive:
+        from llama.interactive import chat_loop
+
+        chat_loop(generator, system_prompt, max_gen_len, temperature=temperature, top_p=top_p)
+        return
     if prompts is None:
         dialogs = DEMO_DIALOGS
     else:

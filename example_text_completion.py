@@ -2,6 +2,11 @@
 
     python example_text_completion.py --ckpt_dir llama-2-7b/ --tokenizer_path tokenizer.model
     torchrun --nproc_per_node 2 example_text_completion.py --ckpt_dir llama-2-13b/ ...
+    python example_text_completion.py --ckpt_dir Llama-2-7b-hf/      # tokenizer.model beside it
+    python example_text_completion.py --ckpt_dir stories15M.bin --tokenizer_path tokenizer.model
+
+--ckpt_dir takes a Meta or Hugging Face directory or a llama2.c .bin file; --tokenizer_path
+defaults to the tokenizer.model beside it.
 """
 
 import fire
@@ -36,7 +41,7 @@ def as_list(value) -> list:
 
 def main(
     ckpt_dir: str,
-    tokenizer_path: str,
+    tokenizer_path: str | None = None,
     temperature: float = 0.6,
     top_p: float = 0.9,
     max_seq_len: int = 128,
@@ -47,11 +52,14 @@ def main(
     prompts: str | list[str] | None = None,
     stop_token_ids: int | list[int] | None = None,
     seed: int = 1,
+    stop: str | list[str] | None = None,
+    stream: bool = False,
 ):
     """Print a completion of each prompt (Meta's demo prompts unless --prompts is given).
 
     --prompts takes one string or a list ('["a", "b"]'); --stop_token_ids adds stop tokens
-    to EOS (stories models end a story with BOS: --stop_token_ids 1).
+    to EOS (stories models end a story with BOS: --stop_token_ids 1); --stop ends a completion
+    at a string. --stream prints each completion as it is generated, one prompt at a time.
     """
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
@@ -63,13 +71,21 @@ def main(
         dtype=dtype,
     )
     prompts = DEMO_PROMPTS if prompts is None else [str(p) for p in as_list(prompts)]
-    results = generator.text_completion(
-        prompts,
-        max_gen_len=max_gen_len,
-        temperature=temperature,
-        top_p=top_p,
-        stop_token_ids=[int(t) for t in as_list(stop_token_ids)],
-    )
+    options = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, stop=stop,
+                   stop_token_ids=[int(t) for t in as_list(stop_token_ids)])
+    if stream:
+        for prompt in prompts:
+            pieces = generator.stream_text_completion(prompt, **options)
+            if rank() == 0:
+                print(prompt)
+                print("> ", end="", flush=True)
+            for piece in pieces:
+                if rank() == 0:
+                    print(piece, end="", flush=True)
+            if rank() == 0:
+                print("\n\n==================================\n")
+        return
+    results = generator.text_completion(prompts, **options)
     if rank() != 0:
         return
     for prompt, result in zip(prompts, results):

@@ -13,4 +13,5 @@ setup(
     packages=find_packages(include=["llama", "llama.*"]),
     python_requires=">=3.10",
     install_requires=requirements(),
+    entry_points={"console_scripts": ["llama=llama.cli:main"]},
 )

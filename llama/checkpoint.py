@@ -1,7 +1,9 @@
 """Checkpoint files -> (ModelArgs, state dict in Meta's key names) for one model-parallel rank.
 
-Readers are plain functions over files; none of them builds a module. Tensors come back
-memory-mapped where the format allows it, so loading never holds two copies of the weights.
+`load_checkpoint` finds the format from the files and hands over to its reader: Meta's layout
+here, Hugging Face and llama2.c in `llama.formats`. Readers are plain functions over files;
+none of them builds a module. Tensors come back memory-mapped where the format allows it, so
+loading never holds two copies of the weights.
 """
 
 import json
@@ -11,6 +13,9 @@ import re
 
 import torch
 
+from llama.formats.common import check_parallel_split, file_kind, torch_load
+from llama.formats.hf import read_hf
+from llama.formats.llama2c import read_llama2c
 from llama.model import ModelArgs
 from llama.parallel import shard_dim
 
@@ -24,8 +29,14 @@ IGNORED_KEYS = ("rope.freqs",)
 def load_checkpoint(path: str, rank: int = 0, world_size: int = 1) -> tuple[ModelArgs, dict]:
     """Read any supported checkpoint and return (ModelArgs, state dict) for rank `rank` of `world_size`.
 
-    The state dict uses Meta's key names and holds this rank's model-parallel shard.
+    The format is found from the files themselves (see `detect_format`). The state dict uses
+    Meta's key names and holds this rank's model-parallel shard.
     """
+    return READERS[detect_format(path)](path, rank, world_size)
+
+
+def detect_format(path: str) -> str:
+    """"meta", "hf" or "llama2c" for a checkpoint path; FileNotFoundError/ValueError otherwise."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist; check --ckpt_dir")
     if os.path.isdir(path):
@@ -33,20 +44,32 @@ def load_checkpoint(path: str, rank: int = 0, world_size: int = 1) -> tuple[Mode
         if not files:
             raise FileNotFoundError(f"checkpoint directory {path!r} is empty; check --ckpt_dir")
         if "params.json" in files or any(_SHARD_RE.match(f) for f in files):
-            return load_meta(path, rank, world_size)
+            return "meta"
+        if "config.json" in files:
+            return "hf"
         raise ValueError(
             f"{path!r} holds no known checkpoint layout (found: {', '.join(files[:8])}); expected "
-            "Meta's params.json + consolidated.NN.pth; check --ckpt_dir"
+            "Meta's params.json + consolidated.NN.pth or Hugging Face's config.json + weights "
+            "(for a llama2.c .bin, pass the file itself); check --ckpt_dir"
         )
-    raise ValueError(f"{path!r} is a file, not a checkpoint directory; check --ckpt_dir")
+    kind = file_kind(path)
+    if kind != "raw":
+        raise ValueError(
+            f"{path!r} is a single {kind} weights file; pass the directory that holds it with its "
+            "params.json (Meta) or config.json (Hugging Face) as --ckpt_dir"
+        )
+    return "llama2c"
 
 
-def torch_load(path: str) -> dict:
-    """torch.load with no pickle code allowed and the file memory-mapped."""
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # torch raises several types for corrupt or unsafe files
-        raise ValueError(f"cannot load {path!r} as a weights-only torch checkpoint: {str(e).splitlines()[0]}") from None
+def find_tokenizer(ckpt_path: str) -> str:
+    """The tokenizer.model beside a checkpoint (in its directory, or next to its file)."""
+    if not os.path.exists(ckpt_path):
+        raise FileNotFoundError(f"checkpoint {ckpt_path!r} does not exist; check --ckpt_dir")
+    folder = ckpt_path if os.path.isdir(ckpt_path) else os.path.dirname(os.path.abspath(ckpt_path))
+    path = os.path.join(folder, "tokenizer.model")
+    if not os.path.isfile(path):
+        raise ValueError(f"there is no tokenizer.model beside {ckpt_path!r}; pass --tokenizer_path")
+    return path
 
 
 def read_params(ckpt_dir: str) -> ModelArgs:
@@ -116,11 +139,4 @@ def reshard(key: str, shards: dict, n_shards: int, dim: int, rank: int, world_si
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-def check_parallel_split(args: ModelArgs, world_size: int) -> None:
-    """Raise ValueError when the heads cannot be split over world_size ranks."""
-    if args.n_heads % world_size or args.kv_heads % world_size:
-        raise ValueError(
-            f"n_heads={args.n_heads} and n_kv_heads={args.kv_heads} must be divisible by the "
-            f"model-parallel size {world_size}; choose --nproc_per_node among "
-            f"{[m for m in range(1, args.kv_heads + 1) if args.kv_heads % m == 0 and args.n_heads % m == 0]}"
-        )
+READERS = {"meta": load_meta, "hf": read_hf, "llama2c": read_llama2c}

@@ -6,18 +6,20 @@ tokenizer, sampling and the chat template.
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TypedDict
 
 import torch
 
 from llama import parallel, quantize as quant
 from llama.chat import Dialog, Message, encode_dialog
-from llama.checkpoint import load_checkpoint
+from llama.checkpoint import find_tokenizer, load_checkpoint
 from llama.device import resolve_device, resolve_dtype
 from llama.memory import preflight
 from llama.model import Transformer
+from llama.progress import progress
 from llama.sampling import next_token
+from llama.streaming import RowText, as_stop_list
 from llama.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -64,7 +66,9 @@ def move_state_dict(state_dict: dict, device: torch.device, dtype: torch.dtype) 
     """Each floating tensor to device/dtype, one at a time; tied tensors stay tied."""
     moved: dict[int, torch.Tensor] = {}
     out = {}
-    for key, t in state_dict.items():
+    nbytes = sum(t.numel() * t.element_size() for t in state_dict.values())
+    for key, t in progress(state_dict.items(), total=len(state_dict), desc="loading", unit="tensor",
+                           show=nbytes > 2**30):
         if id(t) not in moved:
             moved[id(t)] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
             if moved[id(t)].data_ptr() != t.data_ptr():
@@ -73,13 +77,21 @@ def move_state_dict(state_dict: dict, device: torch.device, dtype: torch.dtype) 
     return out
 
 
+def last(iterable):
+    """The final item of an iterable (runs a generator to its end)."""
+    item = None
+    for item in iterable:  # noqa: B007
+        pass
+    return item
+
+
 class Llama:
     @staticmethod
     def build(
         ckpt_dir: str,
-        tokenizer_path: str,
-        max_seq_len: int,
-        max_batch_size: int,
+        tokenizer_path: str | None = None,
+        max_seq_len: int = 512,
+        max_batch_size: int = 8,
         model_parallel_size: int | None = None,
         seed: int = 1,
         device: str = "auto",
@@ -92,8 +104,8 @@ class Llama:
         """Load a checkpoint and tokenizer and return a ready Llama.
 
         Args:
-            ckpt_dir: checkpoint directory (Meta's params.json + consolidated.NN.pth).
-            tokenizer_path: the sentencepiece tokenizer.model.
+            ckpt_dir: a Meta or Hugging Face checkpoint directory, or a llama2.c .bin file.
+            tokenizer_path: the sentencepiece tokenizer.model; by default the one beside the checkpoint.
             max_seq_len: longest prompt + generation the KV cache holds.
             max_batch_size: rows decoded together; larger batches run in chunks.
             model_parallel_size: number of model-parallel ranks; defaults to torchrun's WORLD_SIZE.
@@ -122,6 +134,7 @@ class Llama:
             torch.cuda.set_device(dev)
         torch.manual_seed(seed)
 
+        tokenizer_path = tokenizer_path or find_tokenizer(ckpt_dir)
         tokenizer = Tokenizer(tokenizer_path)
         args, state_dict = load_checkpoint(ckpt_dir, rank, world)
         n_vocab = state_dict["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in state_dict else None
@@ -194,15 +207,9 @@ class Llama:
         With `echo`, the prompt tokens (and their logprobs; 0.0 for the first) come first.
         Batches larger than max_batch_size run in chunks. `seed` seeds this call's sampler.
         """
-        out_tokens: list[list[int]] = []
-        out_logprobs: list[list[float]] = []
-        for rows in self.stream_tokens(prompt_tokens, max_gen_len, temperature, top_p,
-                                       logprobs, echo, stop_token_ids, seed):
-            pass
-        for row in rows:
-            out_tokens.append(row["tokens"])
-            out_logprobs.append(row["logprobs"])
-        return out_tokens, (out_logprobs if logprobs else None)
+        rows = last(self.stream_tokens(prompt_tokens, max_gen_len, temperature, top_p,
+                                       logprobs, echo, stop_token_ids, seed))
+        return [r["tokens"] for r in rows], ([r["logprobs"] for r in rows] if logprobs else None)
 
     @torch.inference_mode()
     def stream_tokens(
@@ -215,10 +222,13 @@ class Llama:
         echo: bool = False,
         stop_token_ids: list[int] | None = None,
         seed: int | None = None,
+        stop_check: Callable[[int, dict], bool] | None = None,
     ) -> Iterator[list[dict]]:
         """Like generate, but yields the state of every row after each decoding step.
 
         Each row is a dict with "tokens", "logprobs" (as generate returns them) and "done".
+        `stop_check(i, row)`, called after a token is added to row i, returns True to finish
+        that row (the token stays); the other rows go on.
         """
         self._check_prompts(prompt_tokens, max_gen_len)
         generator = None
@@ -229,8 +239,9 @@ class Llama:
         finished: list[dict] = []
         for i in range(0, len(prompt_tokens), bs):
             chunk = prompt_tokens[i : i + bs]
+            check = None if stop_check is None else (lambda b, r, i=i: stop_check(i + b, r))
             for rows in self._generate_batch(chunk, max_gen_len, temperature, top_p,
-                                             logprobs, echo, stop, generator):
+                                             logprobs, echo, stop, generator, check):
                 yield finished + rows
             finished = finished + rows
 
@@ -252,7 +263,8 @@ class Llama:
             if bad:
                 raise ValueError(f"prompt {i} has token ids {bad[:5]} outside the vocabulary 0..{vocab - 1}")
 
-    def _generate_batch(self, prompts, max_gen_len, temperature, top_p, logprobs, echo, stop, generator):
+    def _generate_batch(self, prompts, max_gen_len, temperature, top_p, logprobs, echo, stop, generator,
+                        stop_check=None):
         """Prefill all prompts in one forward, then decode; yields the rows after every step."""
         model, dev = self.model, self.device
         bsz = len(prompts)
@@ -300,7 +312,7 @@ class Llama:
                 if logprobs:
                     r["logprobs"].append(lp[b])
                 n_gen[b] += 1
-                r["done"] = n_gen[b] >= budgets[b]
+                r["done"] = n_gen[b] >= budgets[b] or (stop_check is not None and stop_check(b, r))
             yield rows
             if all(r["done"] for r in rows):
                 return
@@ -322,14 +334,16 @@ class Llama:
         echo: bool = False,
         stop_token_ids: list[int] | None = None,
         seed: int | None = None,
+        stop: str | list[str] | None = None,
     ) -> list[CompletionPrediction]:
-        """Complete each prompt; max_gen_len defaults to max_seq_len - 1."""
-        if max_gen_len is None:
-            max_gen_len = self.model.max_seq_len - 1
+        """Complete each prompt; max_gen_len defaults to max_seq_len - 1.
+
+        A row ends at EOS, any of `stop_token_ids`, or the first of the `stop` strings, which
+        the returned text leaves out; the other rows go on.
+        """
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
-        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs,
-                                    echo, stop_token_ids, seed)
-        return [self._prediction(t, lps[i] if logprobs else None) for i, t in enumerate(tokens)]
+        return self._complete(prompt_tokens, temperature, top_p, max_gen_len, logprobs, echo,
+                              stop_token_ids, seed, stop)
 
     def chat_completion(
         self,
@@ -339,22 +353,84 @@ class Llama:
         max_gen_len: int | None = None,
         logprobs: bool = False,
         seed: int | None = None,
+        stop: str | list[str] | None = None,
+        stop_token_ids: list[int] | None = None,
     ) -> list[ChatPrediction]:
-        """Answer each dialog as the assistant, using the Llama 2 chat template."""
+        """Answer each dialog as the assistant, using the Llama 2 chat template.
+
+        `stop` and `stop_token_ids` end an answer as in text_completion.
+        """
+        prompt_tokens = [encode_dialog(self.tokenizer, d) for d in dialogs]  # validates first
+        preds = self._complete(prompt_tokens, temperature, top_p, max_gen_len, logprobs, False,
+                               stop_token_ids, seed, stop)
+        return [{**p, "generation": {"role": "assistant", "content": p["generation"]}} for p in preds]
+
+    def stream_text_completion(
+        self,
+        prompt: str,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | None = None,
+        stop: str | list[str] | None = None,
+        stop_token_ids: list[int] | None = None,
+        seed: int | None = None,
+        echo: bool = False,
+    ) -> Iterator[str]:
+        """Yield the completion of one prompt as it is generated, in pieces of text.
+
+        The pieces add up to exactly the text text_completion returns with the same arguments
+        (with `echo`, the prompt's text comes first, spaced as the model's tokens decode).
+        """
+        tokens = self.tokenizer.encode(prompt, bos=True, eos=False)
+        yield from self._stream_one(tokens, temperature, top_p, max_gen_len, stop, stop_token_ids, seed, echo)
+
+    def stream_chat_completion(
+        self,
+        dialog: Dialog,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | None = None,
+        stop: str | list[str] | None = None,
+        stop_token_ids: list[int] | None = None,
+        seed: int | None = None,
+    ) -> Iterator[str]:
+        """Yield the assistant's answer to one dialog as it is generated, in pieces of text.
+
+        The pieces add up to exactly the content chat_completion returns with the same arguments.
+        """
+        tokens = encode_dialog(self.tokenizer, dialog)
+        yield from self._stream_one(tokens, temperature, top_p, max_gen_len, stop, stop_token_ids, seed, False)
+
+    def _row_texts(self, prompt_tokens, echo, stop):
+        stop = as_stop_list(stop)
+        texts = [RowText(self.tokenizer, stop, len(p) if echo else 0) for p in prompt_tokens]
+        check = (lambda i, row: texts[i].update(row["tokens"])) if stop else None
+        return texts, check
+
+    def _complete(self, prompt_tokens, temperature, top_p, max_gen_len, logprobs, echo,
+                  stop_token_ids, seed, stop) -> list[dict]:
         if max_gen_len is None:
             max_gen_len = self.model.max_seq_len - 1
-        prompt_tokens = [encode_dialog(self.tokenizer, d) for d in dialogs]  # validates first
-        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs,
-                                    seed=seed)
-        out = []
-        for i, t in enumerate(tokens):
-            pred = self._prediction(t, lps[i] if logprobs else None)
-            out.append({**pred, "generation": {"role": "assistant", "content": pred["generation"]}})
-        return out
+        texts, check = self._row_texts(prompt_tokens, echo, stop)
+        rows = last(self.stream_tokens(prompt_tokens, max_gen_len, temperature, top_p, logprobs,
+                                       echo, stop_token_ids, seed, stop_check=check))
+        preds = []
+        for text, row in zip(texts, rows):
+            text.update(row["tokens"])
+            pred = {"generation": text.text}
+            if logprobs:
+                pred["tokens"] = self.tokenizer.decode_pieces(row["tokens"])
+                pred["logprobs"] = row["logprobs"]
+            preds.append(pred)
+        return preds
 
-    def _prediction(self, tokens: list[int], logprobs: list[float] | None) -> dict:
-        pred = {"generation": self.tokenizer.decode(tokens)}
-        if logprobs is not None:
-            pred["tokens"] = self.tokenizer.decode_pieces(tokens)
-            pred["logprobs"] = logprobs
-        return pred
+    def _stream_one(self, tokens, temperature, top_p, max_gen_len, stop, stop_token_ids, seed, echo):
+        """The new text of one prompt's row after every step, when there is any."""
+        if max_gen_len is None:
+            max_gen_len = self.model.max_seq_len - 1
+        (text,), check = self._row_texts([tokens], echo, stop)
+        for (row,) in self.stream_tokens([tokens], max_gen_len, temperature, top_p, echo=echo,
+                                         stop_token_ids=stop_token_ids, seed=seed, stop_check=check):
+            text.update(row["tokens"])
+            if delta := text.delta(final=row["done"]):
+                yield delta

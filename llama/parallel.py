@@ -5,6 +5,7 @@ return plain `nn.Linear` / `nn.Embedding`. With several, they return fairscale's
 model-parallel layers. The `.weight` keys are the same either way.
 """
 
+import atexit
 import logging
 import os
 
@@ -76,6 +77,8 @@ def setup(model_parallel_size: int | None, device: torch.device) -> tuple[int, i
         backend = "nccl" if device.type == "cuda" else "gloo"
         log.info("initializing process group: backend=%s world_size=%d", backend, world)
         torch.distributed.init_process_group(backend)
+        # Without this, gloo/nccl can abort at interpreter exit ("terminate called without ...").
+        atexit.register(_destroy_process_group)
     from fairscale.nn.model_parallel.initialize import (
         initialize_model_parallel,
         model_parallel_is_initialized,
@@ -84,6 +87,12 @@ def setup(model_parallel_size: int | None, device: torch.device) -> tuple[int, i
     if not model_parallel_is_initialized():
         initialize_model_parallel(world)
     return rank(), world
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no rank tears down its connections while others still use them
+        torch.distributed.destroy_process_group()
 
 
 def _fairscale_layer(cls, weight_shape: tuple[int, ...], **attrs) -> nn.Module:

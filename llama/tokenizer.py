@@ -41,6 +41,9 @@ class Tokenizer:
         """Text of the token ids t."""
         return self.sp_model.decode(list(t))
 
+    def id_to_piece(self, i: int) -> str:
+        return self.sp_model.id_to_piece(i)
+
     def decode_pieces(self, t: list[int]) -> list[str]:
         """The text each token adds, with the spaces a lone-token decode would drop."""
         pieces, prev = [], ""

@@ -2,6 +2,8 @@
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,3 +50,23 @@ def stories(stories_tokenizer):
 
     return Llama.build(models_path("stories260K-meta"), stories_tokenizer, max_seq_len=512,
                        max_batch_size=8, device="cpu", dtype="float32")
+
+
+# Every shared form of stories260K; the torchrun fixture runs them all in one launch.
+STORIES_FORMS = ["stories260K-meta", "stories260K-meta-mp2", "stories260K-hf", "stories260K/stories260K.bin"]
+
+
+@pytest.fixture(scope="session")
+def torchrun_results(tmp_path_factory, stories_tokenizer) -> dict:
+    """tests/mp_worker.py on 2 processes (gloo, CPU) for every form: {form: {tokens, logits, text}}."""
+    import torch
+
+    out = tmp_path_factory.mktemp("torchrun") / "results.pt"
+    paths = [models_path(*form.split("/")) for form in STORIES_FORMS]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "mp_worker.py"), str(out), stories_tokenizer, *paths]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = torch.load(out, weights_only=True)
+    return {form: results[path] for form, path in zip(STORIES_FORMS, paths)}

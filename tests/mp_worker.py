@@ -1,4 +1,10 @@
-"""Run under torchrun by test_parallel.py: greedy 200 tokens from BOS, then full-sequence logits."""
+"""Run under torchrun by the tests: for each checkpoint, greedy 200 tokens from BOS and the
+full-sequence logits; rank 0 saves {path: {"tokens", "logits", "text"}} with torch.save.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/mp_worker.py OUT TOKENIZER CKPT...
+
+A CKPT written as PATH#int8 (or #int4) is built with quantize="int8"; its results keep that key.
+"""
 
 import sys
 
@@ -8,16 +14,20 @@ from llama import Llama
 from llama.parallel import rank
 
 
-def main(ckpt_dir: str, tokenizer_path: str, out_path: str, quantize: str = "") -> None:
-    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=256, max_batch_size=1,
-                        device="cpu", dtype="float32", quantize=quantize or None)
+def run(checkpoint: str, tokenizer: str, quantize: str | None = None) -> dict:
+    llama = Llama.build(checkpoint, tokenizer, max_seq_len=256, max_batch_size=1,
+                        device="cpu", dtype="float32", quantize=quantize)
     tokens, _ = llama.generate([[llama.tokenizer.bos_id]], max_gen_len=200, temperature=0)
     with torch.inference_mode():
         logits = llama.model(torch.tensor([[llama.tokenizer.bos_id] + tokens[0]]), 0)
+    return {"tokens": tokens[0], "logits": logits[0], "text": llama.tokenizer.decode(tokens[0])}
+
+
+def main(out_path: str, tokenizer: str, *checkpoints: str) -> None:
+    results = {spec: run(*spec.split("#")[:1], tokenizer, *spec.split("#")[1:]) for spec in checkpoints}
     if rank() == 0:
-        torch.save({"tokens": tokens[0], "logits": logits[0],
-                    "text": llama.tokenizer.decode(tokens[0])}, out_path)
+        torch.save(results, out_path)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:])

@@ -16,36 +16,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_worker(nproc: int, ckpt: str, tokenizer: str, out, quantize: str = "") -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-           str(REPO / "tests" / "mp_worker.py"), ckpt, tokenizer, str(out), quantize]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(out, weights_only=True)
-
-
-def test_torchrun_two_ranks_equal_one_process(tmp_path, stories_tokenizer, reference_text):
+def test_torchrun_two_ranks_equal_one_process(torchrun_results, stories_tokenizer, reference_text):
     sys.path.insert(0, str(REPO / "tests"))
-    from mp_worker import main
+    from mp_worker import run
 
-    main(models_path("stories260K-meta"), stories_tokenizer, str(tmp_path / "one.pt"))
-    one = torch.load(tmp_path / "one.pt", weights_only=True)
-    two = run_worker(2, models_path("stories260K-meta-mp2"), stories_tokenizer, tmp_path / "two.pt")
-    assert len(one["tokens"]) == 200
-    assert two["tokens"] == one["tokens"]
-    assert two["text"] == one["text"] == reference_text
-    torch.testing.assert_close(two["logits"], one["logits"], atol=1e-5, rtol=1e-5)
+    one = run(models_path("stories260K-meta"), stories_tokenizer)
+    for form in ("stories260K-meta-mp2", "stories260K-meta"):  # 2 shards on 2 ranks; 1 shard split
+        two = torchrun_results[form]
+        assert len(two["tokens"]) == 200
+        assert two["tokens"] == one["tokens"]
+        assert two["text"] == one["text"] == reference_text
+        torch.testing.assert_close(two["logits"], one["logits"], atol=1e-5, rtol=1e-5)
 
 
-def test_torchrun_example_cli_prints_only_on_rank_0(tmp_path, stories_tokenizer, reference_text):
+def test_torchrun_example_cli_prints_only_on_rank_0(stories_tokenizer, reference_text):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", "example_text_completion.py",
            "--ckpt_dir", models_path("stories260K-meta-mp2"), "--tokenizer_path", stories_tokenizer,
            "--temperature", "0", "--max_seq_len", "256", "--max_gen_len", "200", "--prompts", "",
            "--device", "cpu", "--dtype", "float32"]
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count(reference_text) == 1
 
@@ -54,10 +45,15 @@ def test_torchrun_two_ranks_quantize_their_own_shards(tmp_path, stories_tokenize
     """int8 under model parallel: each rank quantizes its shard. Column-parallel shards get the
     scales of one process; row-parallel shards get finer ones, so the logits differ slightly."""
     sys.path.insert(0, str(REPO / "tests"))
-    from mp_worker import main
+    from mp_worker import run
 
-    main(models_path("stories260K-meta"), stories_tokenizer, str(tmp_path / "one.pt"), "int8")
-    one = torch.load(tmp_path / "one.pt", weights_only=True)
-    two = run_worker(2, models_path("stories260K-meta-mp2"), stories_tokenizer, tmp_path / "two.pt", "int8")
+    one = run(models_path("stories260K-meta"), stories_tokenizer, "int8")
+    spec = models_path("stories260K-meta-mp2") + "#int8"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "mp_worker.py"), str(tmp_path / "q.pt"), stories_tokenizer, spec]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = torch.load(tmp_path / "q.pt", weights_only=True)[spec]
     assert two["tokens"][:50] == one["tokens"][:50]
     torch.testing.assert_close(two["logits"][:50], one["logits"][:50], atol=0.25, rtol=0.05)

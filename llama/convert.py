@@ -1,0 +1,126 @@
+"""Convert any supported checkpoint to Meta's layout (any model-parallel size), Hugging Face or llama2.c.
+
+    python -m llama.convert SRC DST --to meta --model_parallel_size 2
+    python -m llama.convert SRC DST --to hf [--tokenizer_path tokenizer.model] [--dtype bfloat16]
+    python -m llama.convert SRC model.bin --to llama2c
+
+SRC is a Meta or Hugging Face directory or a llama2.c .bin file; DST is a new directory (a new
+file for llama2c). tokenizer.model is copied beside the output.
+"""
+
+import logging
+import os
+import shutil
+import sys
+
+import torch
+from tqdm import tqdm
+
+from llama.checkpoint import detect_format, find_tokenizer, load_checkpoint
+from llama.device import DTYPES
+from llama.formats.hf import write_hf
+from llama.formats.llama2c import write_llama2c
+from llama.formats.meta import save_shard, write_params
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("meta", "hf", "llama2c")
+# Meta's params.json has no context length; Llama 2 models were trained with 4096.
+LLAMA2_CONTEXT = 4096
+PROGRESS_MIN_BYTES = 2**30
+
+
+def convert(src: str, dst: str, to: str = "meta", model_parallel_size: int = 1,
+            tokenizer_path: str | None = None, dtype: str | None = None) -> list[str]:
+    """Convert checkpoint `src` into the new directory `dst`; returns the files written.
+
+    Args:
+        src: a Meta or Hugging Face checkpoint directory, or a llama2.c .bin file.
+        dst: output directory, not existing yet or empty (for "llama2c", a new file).
+        to: "meta" (params.json + consolidated.NN.pth), "hf" (config.json + safetensors) or
+            "llama2c" (a version-1 fp32 .bin for run.c).
+        model_parallel_size: number of consolidated.NN.pth shards for "meta".
+        tokenizer_path: tokenizer.model to copy beside the output; by default the one beside src.
+        dtype: cast the weights ("float32", "float16", "bfloat16"); by default keep them.
+    """
+    if to not in FORMATS:
+        raise ValueError(f"unknown output format {to!r}; pass --to meta, hf or llama2c")
+    if to != "meta" and model_parallel_size != 1:
+        raise ValueError(f"--model_parallel_size applies to --to meta only; {to} output is not split")
+    if dtype is not None and str(dtype).lower() not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; pass --dtype float32, float16 or bfloat16")
+    dtype = DTYPES[str(dtype).lower()] if dtype is not None else None
+    if to == "llama2c" and dtype not in (None, torch.float32):
+        raise ValueError("llama2.c version-1 files are float32; leave out --dtype")
+    if to == "llama2c" and os.path.exists(dst):
+        raise ValueError(f"output {dst!r} already exists; choose a new file name")
+    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
+        raise ValueError(f"output {dst!r} already exists and is not an empty directory; choose a new --dst")
+    source_format = detect_format(src)
+    if tokenizer_path is None:
+        try:
+            tokenizer_path = find_tokenizer(src)
+        except ValueError:
+            log.warning("no tokenizer.model beside %s; pass --tokenizer_path to copy one to the output", src)
+    elif not os.path.isfile(tokenizer_path):
+        raise FileNotFoundError(f"tokenizer {tokenizer_path!r} does not exist; check --tokenizer_path")
+
+    args, state_dict = load_checkpoint(src, 0, model_parallel_size)
+    if source_format == "meta":
+        args.max_seq_len = LLAMA2_CONTEXT
+        if args.vocab_size == -1:
+            args.vocab_size = state_dict["tok_embeddings.weight"].shape[0]
+    total = model_parallel_size * sum(t.numel() * t.element_size() for t in state_dict.values())
+    show = sys.stderr.isatty() and total >= PROGRESS_MIN_BYTES
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {to}", disable=not show) as bar:
+        if to == "meta":
+            files = [write_params(args, dst)]
+            for rank in range(model_parallel_size):
+                if rank > 0:  # each rank's slice is read on its own, so one shard is in memory at a time
+                    state_dict = load_checkpoint(src, rank, model_parallel_size)[1]
+                files.append(save_shard(cast(state_dict, dtype), dst, rank))
+                bar.update(total // model_parallel_size)
+        elif to == "hf":
+            files = write_hf(args, cast(state_dict, dtype), dst, progress=bar)
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+            files = [write_llama2c(args, state_dict, dst, progress=bar)]
+    folder = dst if os.path.isdir(dst) else os.path.dirname(os.path.abspath(dst))
+    if tokenizer_path is not None and os.path.exists(os.path.join(folder, "tokenizer.model")):
+        log.warning("left the tokenizer.model already in %s as it is", folder)
+    elif tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, os.path.join(folder, "tokenizer.model"))
+        files.append("tokenizer.model")
+    log.info("converted %s (%s) -> %s (%s): %s", src, source_format, dst, to, ", ".join(files))
+    return files
+
+
+def cast(state_dict: dict, dtype: torch.dtype | None) -> dict:
+    """Floating tensors cast to dtype (None: unchanged); tied tensors stay tied."""
+    if dtype is None:
+        return state_dict
+    done: dict[int, torch.Tensor] = {}
+    out = {}
+    for key, t in state_dict.items():
+        if id(t) not in done:
+            done[id(t)] = t.to(dtype) if t.is_floating_point() else t
+        out[key] = done[id(t)]
+    return out
+
+
+def main(src: str, dst: str, to: str = "meta", model_parallel_size: int = 1,
+         tokenizer_path: str | None = None, dtype: str | None = None) -> None:
+    """Convert SRC (Meta or Hugging Face directory, llama2.c .bin) to DST in format --to (meta, hf or llama2c)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        files = convert(src, dst, to, model_parallel_size, tokenizer_path, dtype)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"wrote {', '.join(files)} to {dst}")
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)

@@ -1,0 +1,64 @@
+"""Pieces every format shares: safe torch loading, rank slicing, head-split checks, file sniffing."""
+
+import struct
+
+import torch
+
+from llama.model import ModelArgs
+from llama.parallel import shard_dim
+
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+def torch_load(path: str) -> dict:
+    """torch.load with no pickle code allowed, memory-mapped when the file is a zip archive."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):  # old non-zip files cannot be mapped; anything else is corrupt
+            raise _unreadable(path, e) from None
+    except Exception as e:  # torch raises several types for corrupt or unsafe files
+        raise _unreadable(path, e) from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise _unreadable(path, e) from None
+
+
+def _unreadable(path: str, e: Exception) -> ValueError:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+    return ValueError(f"cannot read {path!r}: truncated, corrupt or not a weights-only torch file ({first})")
+
+
+def check_parallel_split(args: ModelArgs, world_size: int) -> None:
+    """Raise ValueError when the heads cannot be split over world_size ranks."""
+    if args.n_heads % world_size or args.kv_heads % world_size:
+        sizes = [m for m in range(1, args.kv_heads + 1) if args.kv_heads % m == 0 and args.n_heads % m == 0]
+        raise ValueError(
+            f"n_heads={args.n_heads} and n_kv_heads={args.kv_heads} must be divisible by the "
+            f"model-parallel size {world_size}; run with --nproc_per_node "
+            f"(or convert --model_parallel_size) among {sizes}"
+        )
+
+
+def shard(key: str, tensor: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Rank's slice of a full tensor (a narrow view, no copy); replicated keys come back whole."""
+    dim = shard_dim(key)
+    if dim is None or world_size == 1:
+        return tensor
+    size = tensor.shape[dim]
+    if size % world_size:
+        raise ValueError(f"{key} has size {size} on dim {dim}, not divisible by {world_size} ranks")
+    part = size // world_size
+    return tensor.narrow(dim, rank * part, part)
+
+
+def file_kind(path: str) -> str:
+    """"zip" (torch.save), "safetensors", or "raw" from a file's first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head.startswith(ZIP_MAGIC):
+        return "zip"
+    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < 100_000_000:
+        return "safetensors"
+    return "raw"

@@ -1,0 +1,211 @@
+"""Downloads against a local HTTP server: verified files, clear failures, no valid-looking leftovers."""
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from conftest import REPO, models_path
+from llama import download as dl
+
+WEIGHTS = os.urandom(300_000)
+HTML = b"<!DOCTYPE html><html><body>Access denied</body></html>"
+XML = b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code></Error>'
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Serves server.routes[path] = (body, kind); kind: ok, 403, html (as octet-stream), cut, cut-once."""
+
+    def do_GET(self):
+        path = urlsplit(self.path).path
+        self.server.requests.append((path, self.headers.get("Range")))
+        if path not in self.server.routes:
+            return self.send_error(404)
+        body, kind = self.server.routes[path]
+        if kind == "403":
+            return self.send_error(403, "Forbidden")
+        start = 0
+        m = re.match(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        if m and int(m.group(1)) < len(body):
+            start = int(m.group(1))
+        self.send_response(206 if start else 200)
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        if kind == "cut" or (kind == "cut-once" and not start):
+            self.wfile.write(body[start : start + (len(body) - start) // 2])  # then hang up
+            self.close_connection = True
+            return
+        self.wfile.write(body[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.routes, httpd.requests = {}, []
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def no_valid_looking_file(dest: Path) -> bool:
+    return not dest.exists() and not any(p.name == dest.name for p in dest.parent.iterdir())
+
+
+def test_good_file_arrives_verified(server, tmp_path):
+    server.routes["/w.pth"] = (WEIGHTS, "ok")
+    dest = tmp_path / "w.pth"
+    dl.download_file(server.url + "/w.pth", str(dest), md5(WEIGHTS))
+    assert dest.read_bytes() == WEIGHTS
+    assert not (tmp_path / "w.pth.part").exists()
+    # A second run finds the verified file and does not fetch it again.
+    dl.download_file(server.url + "/w.pth", str(dest), md5(WEIGHTS))
+    assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize("body, kind, message", [
+    (WEIGHTS, "403", "HTTP 403.*request a new download URL"),
+    (HTML, "html", "error page instead of the file.*request a new download URL"),
+    (XML, "html", "error page instead of the file.*request a new download URL"),
+    (WEIGHTS, "cut", r"closed after 150000 of 300000 bytes.*run the same command again to resume"),
+    (WEIGHTS[:-1] + b"x", "ok", "md5 checksum mismatch.*deleted, run again"),
+])
+def test_failures_are_clear_and_leave_no_valid_file(server, tmp_path, body, kind, message):
+    server.routes["/consolidated.00.pth"] = (body, kind)
+    dest = tmp_path / "consolidated.00.pth"
+    with pytest.raises(dl.DownloadError, match=message) as err:
+        dl.download_file(server.url + "/consolidated.00.pth?Signature=secret", str(dest), md5(WEIGHTS), retries=0)
+    assert "secret" not in str(err.value)  # a signed URL's query is a credential
+    assert no_valid_looking_file(dest)
+    if kind != "cut":
+        assert not (tmp_path / "consolidated.00.pth.part").exists()
+
+
+def test_interrupted_download_resumes(server, tmp_path):
+    server.routes["/w.pth"] = (WEIGHTS, "cut-once")
+    dest = tmp_path / "w.pth"
+    with pytest.raises(dl.DownloadError, match="resume"):
+        dl.download_file(server.url + "/w.pth", str(dest), md5(WEIGHTS), retries=0)
+    assert (tmp_path / "w.pth.part").stat().st_size == len(WEIGHTS) // 2
+    dl.download_file(server.url + "/w.pth", str(dest), md5(WEIGHTS), retries=0)
+    assert dest.read_bytes() == WEIGHTS
+    assert server.requests[-1] == ("/w.pth", f"bytes={len(WEIGHTS) // 2}-")
+
+
+def test_retries_resume_within_one_call(server, tmp_path, monkeypatch):
+    monkeypatch.setattr(dl.time, "sleep", lambda s: None)
+    server.routes["/w.pth"] = (WEIGHTS, "cut-once")
+    dl.download_file(server.url + "/w.pth", str(tmp_path / "w.pth"), md5(WEIGHTS), retries=1)
+    assert (tmp_path / "w.pth").read_bytes() == WEIGHTS
+    assert [r for _, r in server.requests] == [None, f"bytes={len(WEIGHTS) // 2}-"]
+
+
+def meta_release(server, shard=WEIGHTS, kind="ok"):
+    tokenizer = Path(models_path("llama2-tokenizer", "tokenizer.model")).read_bytes()
+    params = b'{"dim": 4096}'
+    server.routes.update({
+        "/LICENSE": (b"license", "ok"),
+        "/USE_POLICY.md": (b"policy", "ok"),
+        "/tokenizer.model": (tokenizer, "ok"),
+        "/tokenizer_checklist.chk": (f"{md5(tokenizer)}  tokenizer.model\n".encode(), "ok"),
+        "/llama-2-7b/checklist.chk": (
+            f"{md5(WEIGHTS)}  consolidated.00.pth\n{md5(params)}  params.json\n".encode(), "ok"),
+        "/llama-2-7b/consolidated.00.pth": (shard, kind),
+        "/llama-2-7b/params.json": (params, "ok"),
+    })
+    return server.url + "/*?Policy=abc&Signature=def"
+
+
+def test_meta_release_flow(server, tmp_path):
+    url = meta_release(server)
+    assert dl.download_meta(url, ["7B"], str(tmp_path)) == [str(tmp_path / "llama-2-7b")]
+    assert (tmp_path / "llama-2-7b" / "consolidated.00.pth").read_bytes() == WEIGHTS
+    assert (tmp_path / "tokenizer.model").stat().st_size > 400_000
+    with pytest.raises(ValueError, match="unknown models"):
+        dl.download_meta(url, ["8B"], str(tmp_path))
+    with pytest.raises(ValueError, match="no '\\*'"):
+        dl.download_meta(server.url + "/x", ["7B"], str(tmp_path))
+
+
+def test_meta_release_expired_checklist(server, tmp_path):
+    url = meta_release(server)
+    server.routes["/llama-2-7b/checklist.chk"] = (HTML, "html")
+    with pytest.raises(dl.DownloadError, match="request a new download URL"):
+        dl.download_meta(url, ["7B"], str(tmp_path))
+    assert not (tmp_path / "llama-2-7b" / "consolidated.00.pth").exists()
+
+
+def test_stories_by_name(server, tmp_path):
+    weights = Path(models_path("stories260K", "stories260K.bin")).read_bytes()
+    server.routes["/stories260K/stories260K.bin"] = (weights, "ok")
+    server.routes["/stories260K/tok512.model"] = (Path(models_path("stories260K", "tok512.model")).read_bytes(), "ok")
+    server.routes["/tokenizer.model"] = (Path(models_path("llama2-tokenizer", "tokenizer.model")).read_bytes(), "ok")
+    server.routes["/stories15M.bin"] = (WEIGHTS, "ok")
+    folder = dl.download_stories("stories260K", str(tmp_path), base_url=server.url)
+    assert sorted(os.listdir(folder)) == ["stories260K.bin", "tok512.model"]
+    folder = dl.download_stories("stories15M", str(tmp_path), base_url=server.url,
+                                 tokenizer_url=server.url + "/tokenizer.model")
+    assert sorted(os.listdir(folder)) == ["stories15M.bin", "tokenizer.model"]  # tokenizer sha256-verified
+    server.routes["/bad-tokenizer.model"] = (HTML[:-1], "ok")
+    with pytest.raises(dl.DownloadError):
+        dl.download_stories("stories42M", str(tmp_path), base_url=server.url,
+                            tokenizer_url=server.url + "/bad-tokenizer.model")
+
+
+@pytest.mark.parametrize("downloader", ["wget", "curl"])
+def test_download_sh(server, tmp_path, downloader):
+    if shutil.which(downloader) is None or shutil.which("md5sum") is None:
+        pytest.skip(f"{downloader} or md5sum is not installed")
+    url = meta_release(server)
+
+    def run():
+        return subprocess.run(["bash", str(REPO / "download.sh")], input=f"{url}\n7B\n", text=True,
+                              capture_output=True, timeout=60,
+                              env={**os.environ, "TARGET_FOLDER": str(tmp_path), "DOWNLOADER": downloader})
+
+    proc = run()
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "llama-2-7b" / "consolidated.00.pth").read_bytes() == WEIGHTS
+    assert "7B: verified" in proc.stdout
+    # An expired URL: 403, or an error page served as the weights, stops with a clear message.
+    os.remove(tmp_path / "llama-2-7b" / "consolidated.00.pth")
+    for body, kind, message in [(WEIGHTS, "403", "403"), (XML, "html", "error page"),
+                                (WEIGHTS[:-1] + b"x", "ok", "md5 mismatch")]:
+        server.routes["/llama-2-7b/consolidated.00.pth"] = (body, kind)
+        proc = run()
+        assert proc.returncode != 0
+        assert message in proc.stderr and ("new URL" in proc.stderr or "run again" in proc.stderr)
+        assert no_valid_looking_file(tmp_path / "llama-2-7b" / "consolidated.00.pth")
+
+
+def test_llama_download_command(server, tmp_path, monkeypatch, capsys):
+    from llama.cli import main
+
+    server.routes["/stories260K/stories260K.bin"] = (WEIGHTS, "ok")
+    server.routes["/stories260K/tok512.model"] = (b"tok", "ok")
+    monkeypatch.setenv("LLAMA_TINYLLAMAS_URL", server.url)
+    main(["download", "stories260K", "--target_folder", str(tmp_path)])
+    assert (tmp_path / "stories260K" / "stories260K.bin").read_bytes() == WEIGHTS
+    assert "stories260K: downloaded to" in capsys.readouterr().out
+    url = meta_release(server, kind="403")
+    with pytest.raises(SystemExit, match="error: consolidated.00.pth: the server refused"):
+        main(["download", "7B", "--url", url, "--target_folder", str(tmp_path)])
