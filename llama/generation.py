@@ -11,7 +11,8 @@ from typing import TypedDict
 
 import torch
 
-from llama import parallel, quantize as quant
+from llama import parallel
+from llama import quantize as quant
 from llama.chat import Dialog, Message, encode_dialog
 from llama.checkpoint import find_tokenizer, load_checkpoint
 from llama.device import resolve_device, resolve_dtype

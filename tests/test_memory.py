@@ -6,10 +6,10 @@ import resource
 import pytest
 import torch
 
+from conftest import models_path
 from llama import Llama
 from llama.memory import GB, estimate, parse_size, preflight, weight_bytes
 from llama.model import ModelArgs
-from conftest import models_path
 
 LLAMA2_7B = dict(dim=4096, n_layers=32, n_heads=32, multiple_of=256, norm_eps=1e-5, vocab_size=-1)
 

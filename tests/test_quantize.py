@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import models_path
 from llama import Llama
 from llama import quantize as Q
-from conftest import models_path
 
 
 @pytest.fixture(scope="module")
