@@ -49,9 +49,15 @@ VARIANTS = {
     "int8": dict(dtype="bfloat16", quantize="int8"),
     "int4": dict(dtype="bfloat16", quantize="int4"),
     "int4-g32": dict(dtype="bfloat16", quantize="int4", group_size=32),
-    "fp32+compile": dict(dtype="float32", compile=True),
-    "bf16+compile": dict(dtype="bfloat16", compile=True),
 }
+
+
+def variant_kwargs(name: str) -> dict:
+    """build() kwargs of a variant name; a "+compile" suffix adds compile=True."""
+    base, plus, rest = name.partition("+")
+    if base not in VARIANTS or (plus and rest != "compile"):
+        raise ValueError(f"unknown variant {name!r}; use one of {sorted(VARIANTS)}, optionally with +compile")
+    return {**VARIANTS[base], **({"compile": True} if plus else {})}
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -145,7 +151,7 @@ def run_one(model: str, variant: str, ckpt: str, tok: str, threads: int, prompt_
     bsz = 8 if batch8 else 1
     t = time.time()
     llm = Llama.build(ckpt, tok, max_seq_len=prompt_len + gen + 1, max_batch_size=bsz, device="cpu",
-                      **VARIANTS[variant])
+                      **variant_kwargs(variant))
     build_s = time.time() - t
     vocab = llm.model.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -214,7 +220,7 @@ def main(models: str = ",".join(ALL_MODELS[:-1]), variants: str = "fp32,fp16,bf1
             args.vocab_size = 512 if model == "stories260K" else 32000
             n_gen = 256 if model == "stories260K" else (32 if model == "7B" else gen)
             for variant in variants:
-                kw = VARIANTS[variant]
+                kw = variant_kwargs(variant)
                 code = (f"import json,sys; sys.path.insert(0, {os.path.join(REPO, 'benchmarks')!r}); from bench import run_one; "
                         f"print(json.dumps(run_one({model!r}, {variant!r}, {ckpt!r}, {tok!r}, {threads}, "
                         f"{prompt_len}, {n_gen}, {batch8 and model != '7B'})))")
