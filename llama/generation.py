@@ -173,8 +173,12 @@ class Llama:
         if compile:
             model.static_kv = True
             # Guards on the module's attributes cost ~0.1 ms a step; nothing changes them after build.
-            model.compile(mode="reduce-overhead" if dev.type == "cuda" else None,
-                          options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+            options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+            if dev.type == "cpu":
+                # A C++ wrapper instead of Python around the kernels: stories260K decode step
+                # 0.62 -> 0.47 ms on the 2-core test machine.
+                options["cpp_wrapper"] = True
+            model.compile(mode="reduce-overhead" if dev.type == "cuda" else None, options=options)
         log.info("loaded in %.2f s: %s on %s as %s%s", time.time() - start, ckpt_dir, dev, dt,
                  f", {mode} weights" if mode else "")
         return Llama(model, tokenizer)

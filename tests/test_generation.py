@@ -133,3 +133,13 @@ def test_completion_prediction_shape(stories):
     assert len(out[0]["tokens"]) == len(out[0]["logprobs"]) == 5
     # Token strings keep their spaces (Meta's per-token decode dropped them).
     assert "".join(out[0]["tokens"]) == out[0]["generation"]
+
+
+def test_compiled_model_gives_reference_text(stories_tokenizer, reference_text):
+    """compile=True (torch.compile, C++ wrapper on CPU) decodes the same greedy story."""
+    from llama import Llama
+
+    llama = Llama.build(models_path("stories260K-meta"), stories_tokenizer, max_seq_len=256,
+                        max_batch_size=2, device="cpu", dtype="float32", compile=True)
+    out = llama.text_completion(["", ""], temperature=0, max_gen_len=200)
+    assert [o["generation"] for o in out] == [reference_text] * 2
