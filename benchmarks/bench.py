@@ -221,7 +221,8 @@ def main(models: str = ",".join(ALL_MODELS[:-1]), variants: str = "fp32,fp16,bf1
             n_gen = 256 if model == "stories260K" else (32 if model == "7B" else gen)
             for variant in variants:
                 kw = variant_kwargs(variant)
-                code = (f"import json,sys; sys.path.insert(0, {os.path.join(REPO, 'benchmarks')!r}); from bench import run_one; "
+                bench_dir = os.path.join(REPO, "benchmarks")
+                code = (f"import json,sys; sys.path.insert(0, {bench_dir!r}); from bench import run_one; "
                         f"print(json.dumps(run_one({model!r}, {variant!r}, {ckpt!r}, {tok!r}, {threads}, "
                         f"{prompt_len}, {n_gen}, {batch8 and model != '7B'})))")
                 log(f"{model} {variant} ...")

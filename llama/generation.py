@@ -16,7 +16,6 @@ from llama import quantize as quant
 from llama.chat import Dialog, Message, encode_dialog
 from llama.checkpoint import find_tokenizer, load_checkpoint
 from llama.device import resolve_device, resolve_dtype
-from llama.memory import preflight
 from llama.model import Transformer
 from llama.progress import progress
 from llama.sampling import next_token
@@ -156,6 +155,8 @@ class Llama:
         if stored:
             group_size = quant.group_size_of(state_dict)
         dt = resolve_dtype(dtype, dev, n_params)
+        from llama.memory import preflight  # here, so `python -m llama.memory` runs without a warning
+
         preflight(args, max_seq_len, max_batch_size, dt, dev, mode, group_size, world, memory_limit)
 
         with torch.device("meta"):

@@ -188,7 +188,8 @@ def preflight(args: ModelArgs, max_seq_len: int, max_batch_size: int, dtype: tor
         return est
     options = alternatives(args, max_seq_len, max_batch_size, dtype, quantize, group_size, world_size,
                            device.type, limit)
-    advice = ("; settings that fit: " + ", ".join(options)) if options else "; no single setting fits, use a bigger machine"
+    advice = ("; settings that fit: " + ", ".join(options)) if options else \
+        "; no single setting fits, use a bigger machine"
     raise ValueError(f"this model needs about {est.describe()} but {source} is {fmt(limit)}{advice}")
 
 

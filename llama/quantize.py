@@ -280,7 +280,7 @@ def _convert(t: torch.Tensor, device, dtype) -> torch.Tensor:
 
 def is_quantized(state_dict: dict) -> str | None:
     """"int8" or "int4" when the state dict holds quantized linears, else None."""
-    for key, t in state_dict.items():
+    for key in state_dict:
         if key.endswith(".scales"):
             return "int4" if key[: -len("scales")] + "zeros" in state_dict else "int8"
     return None
