@@ -57,6 +57,9 @@ def main(
     max_gen_len: int | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    quantize: str | None = None,
+    compile: bool = False,
+    memory_limit: str | None = None,
     prompts: str | list[str] | None = None,
     system_prompt: str | None = None,
     seed: int = 1,
@@ -75,6 +78,9 @@ def main(
         seed=seed,
         device=device,
         dtype=dtype,
+        quantize=quantize,
+        compile=compile,
+        memory_limit=memory_limit,
     )
     if interactive:
         from llama.interactive import chat_loop

@@ -49,6 +49,9 @@ def main(
     max_batch_size: int = 4,
     device: str = "auto",
     dtype: str = "auto",
+    quantize: str | None = None,
+    compile: bool = False,
+    memory_limit: str | None = None,
     prompts: str | list[str] | None = None,
     stop_token_ids: int | list[int] | None = None,
     seed: int = 1,
@@ -59,7 +62,8 @@ def main(
 
     --prompts takes one string or a list ('["a", "b"]'); --stop_token_ids adds stop tokens
     to EOS (stories models end a story with BOS: --stop_token_ids 1); --stop ends a completion
-    at a string. --stream prints each completion as it is generated, one prompt at a time.
+    at a string. --quantize int8|int4, --compile and --memory_limit 12GB are passed to
+    Llama.build. --stream prints each completion as it is generated, one prompt at a time.
     """
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
@@ -69,6 +73,9 @@ def main(
         seed=seed,
         device=device,
         dtype=dtype,
+        quantize=quantize,
+        compile=compile,
+        memory_limit=memory_limit,
     )
     prompts = DEMO_PROMPTS if prompts is None else [str(p) for p in as_list(prompts)]
     options = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, stop=stop,

@@ -47,12 +47,12 @@ def as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype, seed):
+def build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype, seed, **options):
     from llama.generation import Llama
 
     return Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path or find_tokenizer(ckpt_dir),
                        max_seq_len=max_seq_len, max_batch_size=max_batch_size, seed=seed,
-                       device=device, dtype=dtype)
+                       device=device, dtype=dtype, **options)
 
 
 def complete(
@@ -67,6 +67,9 @@ def complete(
     stop_token_ids: int | list[int] | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    quantize: str | None = None,
+    compile: bool = False,
+    memory_limit: str | None = None,
     seed: int = 1,
     echo: bool = True,
     log_level: str = "warning",
@@ -85,6 +88,9 @@ def complete(
         stop_token_ids: token ids that end the completion besides EOS (stories models: 1).
         device: auto, cpu, cuda, cuda:N or mps.
         dtype: auto, float32, float16 or bfloat16.
+        quantize: int8 or int4 weight-only quantization while loading (7B fits a 12 GB GPU).
+        compile: run the model through torch.compile.
+        memory_limit: check the build against this size (e.g. 12GB) instead of the free memory.
         seed: sampling seed.
         echo: print the prompt before its continuation (--noecho: the new text only).
         log_level: debug, info, warning or error.
@@ -94,7 +100,8 @@ def complete(
         if sys.stdin.isatty():
             raise ValueError("give a prompt: llama complete --ckpt_dir DIR \"text\" (or pipe it on stdin)")
         prompt = sys.stdin.read().removesuffix("\n")
-    generator = build(ckpt_dir, tokenizer_path, max_seq_len, 1, device, dtype, seed)
+    generator = build(ckpt_dir, tokenizer_path, max_seq_len, 1, device, dtype, seed,
+                      quantize=quantize, compile=compile, memory_limit=memory_limit)
     pieces = generator.stream_text_completion(
         str(prompt), temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, stop=stop,
         stop_token_ids=[int(t) for t in as_list(stop_token_ids)], echo=echo,
@@ -118,6 +125,9 @@ def chat(
     stop_token_ids: int | list[int] | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    quantize: str | None = None,
+    compile: bool = False,
+    memory_limit: str | None = None,
     seed: int = 1,
     log_level: str = "warning",
 ):
@@ -138,13 +148,17 @@ def chat(
         stop_token_ids: token ids that end an answer besides EOS.
         device: auto, cpu, cuda, cuda:N or mps.
         dtype: auto, float32, float16 or bfloat16.
+        quantize: int8 or int4 weight-only quantization while loading (7B fits a 12 GB GPU).
+        compile: run the model through torch.compile.
+        memory_limit: check the build against this size (e.g. 12GB) instead of the free memory.
         seed: sampling seed.
         log_level: debug, info, warning or error.
     """
     from llama.interactive import chat_loop
 
     setup_logging(log_level)
-    generator = build(ckpt_dir, tokenizer_path, max_seq_len, 1, device, dtype, seed)
+    generator = build(ckpt_dir, tokenizer_path, max_seq_len, 1, device, dtype, seed,
+                      quantize=quantize, compile=compile, memory_limit=memory_limit)
     chat_loop(generator, system_prompt, max_gen_len, temperature=temperature, top_p=top_p, stop=stop,
               stop_token_ids=[int(t) for t in as_list(stop_token_ids)])
 

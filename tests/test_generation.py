@@ -39,6 +39,17 @@ def test_example_cli_prints_reference(reference_text, stories_tokenizer):
     assert f"> {reference_text}\n" in out.stdout
 
 
+def test_example_cli_passes_quantize(reference_text, stories_tokenizer):
+    cmd = [sys.executable, "example_text_completion.py", "--ckpt_dir", models_path("stories260K-meta"),
+           "--tokenizer_path", stories_tokenizer, "--temperature", "0", "--max_seq_len", "128",
+           "--max_gen_len", "40", "--prompts", "", "--device", "cpu", "--dtype", "float32",
+           "--quantize", "int8", "--memory_limit", "4GB"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    generated = out.stdout.split("> ", 1)[1].split("\n\n====")[0]
+    assert len(generated) > 100 and reference_text.startswith(generated)
+
+
 def test_generated_logprobs_equal_teacher_forced(stories):
     prompts = encode_all(stories, PROMPTS[:2])
     tokens, lps = stories.generate(prompts, max_gen_len=30, temperature=0.8, top_p=0.95,
