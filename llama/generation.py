@@ -296,7 +296,6 @@ class Llama:
         if all(r["done"] for r in rows):
             yield rows
             return
-        pos = last + 1  # where each row's next token goes, (b,)
         n_gen = [0] * bsz
         for _ in range(max(budgets)):
             if not torch.isfinite(logits).all():
@@ -322,11 +321,10 @@ class Llama:
             yield rows
             if all(r["done"] for r in rows):
                 return
-            # Finished rows are frozen: their (ignored) step rewrites a slot they no longer read.
-            done = torch.tensor([r["done"] for r in rows], device=dev)
-            step_pos = torch.where(done, last, pos)
-            logits = model(cur[:, None], step_pos)[:, 0]  # (b, vocab)
-            pos = torch.where(done, pos, pos + 1)
+            # A row's newest token goes at len + n_gen - 1. Finished rows are frozen: their
+            # (ignored) step rewrites their last prompt slot, which they no longer read.
+            step_pos = [n - 1 if r["done"] else n + g - 1 for n, g, r in zip(lens, n_gen, rows)]
+            logits = model(cur[:, None], torch.tensor(step_pos, device=dev))[:, 0]  # (b, vocab)
 
     # ------------------------------------------------------------------ text
 
