@@ -109,6 +109,11 @@ def load_meta(ckpt_dir: str, rank: int = 0, world_size: int = 1) -> tuple[ModelA
         if i * world_size < (rank + 1) * n_shards and rank * n_shards < (i + 1) * world_size:
             shards[i] = torch_load(p)
     first = shards[min(shards)]
+    if world_size > 1 and any(key.endswith(".scales") for key in first):
+        raise ValueError(
+            f"{ckpt_dir!r} is a quantized checkpoint, which loads in one process only; under "
+            "torchrun pass the float checkpoint with --quantize, and each rank quantizes its shard"
+        )
     state_dict = {}
     for key in first:
         if key in IGNORED_KEYS:

@@ -151,11 +151,6 @@ class Llama:
         stored = quant.is_quantized(state_dict)
         if stored and quantize and (quantize != stored or quant.group_size_of(state_dict) != group_size):
             raise ValueError(f"{ckpt_dir!r} is already quantized ({stored}); leave quantize unset")
-        if stored and world > 1:
-            raise ValueError(
-                f"{ckpt_dir!r} is a quantized checkpoint, which loads in one process only; under "
-                "torchrun pass the float checkpoint with --quantize, and each rank quantizes its shard"
-            )
         mode = stored or quantize
         if stored:
             group_size = quant.group_size_of(state_dict)

@@ -146,3 +146,15 @@ def test_save_and_load_quantized_checkpoint(tmp_path, mode):
     with pytest.raises(ValueError, match="already quantized"):
         Llama.build(out, models_path("stories260K", "tok512.model"), max_seq_len=64, max_batch_size=1,
                     device="cpu", quantize="int8" if mode == "int4" else "int4")
+
+
+def test_quantized_checkpoint_under_model_parallel_is_refused(tmp_path):
+    from llama.checkpoint import load_checkpoint
+    from llama.quantize import save_quantized
+
+    save_quantized(models_path("stories260K-meta"), str(tmp_path / "q"), "int8")
+    _, sd = load_checkpoint(str(tmp_path / "q"), 0, 1)
+    assert any(k.endswith(".scales") for k in sd)
+    with pytest.raises(ValueError, match="--quantize") as e:
+        load_checkpoint(str(tmp_path / "q"), 0, 2)
+    assert "\n" not in str(e.value)
