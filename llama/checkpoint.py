@@ -62,14 +62,17 @@ def detect_format(path: str) -> str:
 
 
 def find_tokenizer(ckpt_path: str) -> str:
-    """The tokenizer.model beside a checkpoint (in its directory, or next to its file)."""
+    """The tokenizer.model beside a checkpoint: in its directory (or next to its file), else in the
+    folder above a checkpoint directory, where Meta's download puts it."""
     if not os.path.exists(ckpt_path):
         raise FileNotFoundError(f"checkpoint {ckpt_path!r} does not exist; check --ckpt_dir")
-    folder = ckpt_path if os.path.isdir(ckpt_path) else os.path.dirname(os.path.abspath(ckpt_path))
-    path = os.path.join(folder, "tokenizer.model")
-    if not os.path.isfile(path):
-        raise ValueError(f"there is no tokenizer.model beside {ckpt_path!r}; pass --tokenizer_path")
-    return path
+    folder = os.path.abspath(ckpt_path if os.path.isdir(ckpt_path) else os.path.dirname(ckpt_path) or ".")
+    candidates = [folder] + ([os.path.dirname(folder)] if os.path.isdir(ckpt_path) else [])
+    for candidate in candidates:
+        path = os.path.join(candidate, "tokenizer.model")
+        if os.path.isfile(path):
+            return path
+    raise ValueError(f"there is no tokenizer.model beside {ckpt_path!r}; pass --tokenizer_path")
 
 
 def read_params(ckpt_dir: str) -> ModelArgs:

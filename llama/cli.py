@@ -8,7 +8,6 @@
 import importlib
 import importlib.util
 import logging
-import os
 import runpy
 import sys
 
@@ -29,18 +28,6 @@ def setup_logging(log_level: str) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def find_tokenizer(ckpt_dir: str) -> str:
-    """tokenizer.model in the checkpoint directory or the folder above it (Meta's download layout)."""
-    folder = ckpt_dir if os.path.isdir(ckpt_dir) else os.path.dirname(ckpt_dir) or "."
-    for candidate in (folder, os.path.dirname(os.path.abspath(folder))):
-        for name in ("tokenizer.model", "tok512.model"):
-            path = os.path.join(candidate, name)
-            if os.path.isfile(path):
-                return path
-    raise FileNotFoundError(
-        f"no tokenizer.model in {folder!r} or the folder above it; pass --tokenizer_path")
-
-
 def as_list(value) -> list:
     if value is None:
         return []
@@ -50,7 +37,7 @@ def as_list(value) -> list:
 def build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype, seed, **options):
     from llama.generation import Llama
 
-    return Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path or find_tokenizer(ckpt_dir),
+    return Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path,
                        max_seq_len=max_seq_len, max_batch_size=max_batch_size, seed=seed,
                        device=device, dtype=dtype, **options)
 

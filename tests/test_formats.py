@@ -147,6 +147,13 @@ def test_tokenizer_model_beside_checkpoint_is_used(tmp_path, stories_tokenizer, 
     torch.testing.assert_close(logits(build(str(binary))), reference_logits, atol=1e-5, rtol=0)
 
 
+def test_tokenizer_model_in_the_folder_above_a_meta_directory(tmp_path, stories_tokenizer, reference_logits):
+    """Meta's download puts tokenizer.model beside llama-2-7b/, not inside it."""
+    shutil.copytree(models_path("stories260K-meta"), tmp_path / "stories260K")
+    shutil.copyfile(stories_tokenizer, tmp_path / "tokenizer.model")
+    torch.testing.assert_close(logits(build(str(tmp_path / "stories260K"))), reference_logits, atol=1e-5, rtol=0)
+
+
 def test_missing_tokenizer_says_what_to_pass():
     with pytest.raises(ValueError, match="tokenizer_path") as e:
         build(models_path("stories260K-hf"))
