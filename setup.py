@@ -11,6 +11,7 @@ setup(
     version="0.1.0",
     description="Meta's Llama 2 inference API, faithful to its checkpoints and runnable anywhere",
     packages=find_packages(include=["llama", "llama.*"]),
+    package_data={"llama": ["csrc/*.cpp"]},
     python_requires=">=3.10",
     install_requires=requirements(),
     entry_points={"console_scripts": ["llama=llama.cli:main"]},

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama import parallel
+from llama import kernels, parallel
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +126,20 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
         self.parallel: str | None = None  # fairscale communication, set by convert_linears
+        self.kernel = False  # llama.kernels, set by use_kernel
+
+    def use_kernel(self) -> None:
+        """Switch to llama.kernels (CPU), with fp32 scales as it reads them."""
+        if self.weight.device.type == "cpu" and kernels.available():
+            self.scales = self.scales.float()
+            self.kernel = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _communicate(self.parallel, x, self._local)
 
     def _local(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel:
+            return kernels.linear(x, self.weight, self.scales)
         # PyTorch's fused int8 kernel reads the int8 weights directly; on CPU it is fast for bf16
         # inputs only (measured: fp32/fp16 inputs run at a tenth of the speed of dequantizing),
         # and needs in_features % 16 == 0 (other sizes give wrong results or crash in 2.13).
@@ -144,8 +153,9 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """y = x W^T with W stored as int4 groups of `group_size` inputs (see the module docstring).
 
-    On CPU the weight is repacked at load time into the layout of PyTorch's int4 kernel; such a
-    module's state dict is then kernel-specific, so save quantized checkpoints with `save_quantized`.
+    On CPU the weight is repacked at load time into the layout of llama.kernels (or, without
+    them, of PyTorch's int4 kernel); such a module's state dict is then kernel-specific, so save
+    quantized checkpoints with `save_quantized`.
     """
 
     def __init__(self, in_features: int, out_features: int, group_size: int, dtype=torch.float32, device=None):
@@ -155,37 +165,72 @@ class Int4Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.empty(out_features, groups, dtype=dtype, device=device))
         self.register_buffer("zeros", torch.empty(out_features, groups, dtype=dtype, device=device))
-        self.kernel_layout = False
+        self.kernel_layout: str | None = None  # "llama" (llama.kernels) or "aten" (PyTorch's)
         self.parallel: str | None = None  # fairscale communication, set by convert_linears
 
     def to_kernel_layout(self) -> None:
-        """Repack for PyTorch's CPU int4 kernel, 1024 rows at a time (it packs blocks of 64 rows)."""
-        if self.kernel_layout or not _int4_cpu_kernel_ok(self.weight.device, self.out_features,
-                                                         self.in_features, self.group_size):
+        """Repack for the fastest CPU kernel there is, 1024 rows at a time."""
+        if self.kernel_layout or self.weight.device.type != "cpu":
             return
-        packed = torch.empty_like(self.weight)
-        for lo in range(0, self.out_features, 1024):
-            rows = unpack_int4(self.weight[lo : lo + 1024]).to(torch.int32)  # (rows, in)
-            packed[lo : lo + 1024] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(rows, 1)
-        self.weight = packed
-        # The kernel wants (groups, out, 2) of (scale, zero).
-        self.scales = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).contiguous()  # (groups, out, 2)
-        del self.zeros
-        self.register_buffer("zeros", None)
-        self.kernel_layout = True
+        if kernels.int4_group_ok(self.in_features, self.group_size) and kernels.available():
+            packed = torch.empty_like(self.weight)
+            for lo in range(0, self.out_features, 1024):
+                packed[lo : lo + 1024] = kernels.pack_int4(unpack_int4(self.weight[lo : lo + 1024]))
+            self.weight = packed
+            scales = self.scales.float()
+            # w = (q - 8) * scale + zero = q * scale + shift
+            self.zeros = (self.zeros.float() - 8 * scales).contiguous()  # the shift, (out, groups)
+            self.scales = scales.contiguous()
+            self.kernel_layout = "llama"
+        elif _int4_cpu_kernel_ok(self.weight.device, self.out_features, self.in_features, self.group_size):
+            packed = torch.empty_like(self.weight)  # PyTorch's kernel packs blocks of 64 rows
+            for lo in range(0, self.out_features, 1024):
+                rows = unpack_int4(self.weight[lo : lo + 1024]).to(torch.int32)  # (rows, in)
+                packed[lo : lo + 1024] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(rows, 1)
+            self.weight = packed
+            # The kernel wants (groups, out, 2) of (scale, zero).
+            self.scales = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).contiguous()  # (groups, out, 2)
+            del self.zeros
+            self.register_buffer("zeros", None)
+            self.kernel_layout = "aten"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _communicate(self.parallel, x, self._local)
 
     def _local(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_layout == "llama":
+            return kernels.linear_int4(x, self.weight, self.scales, self.zeros, self.group_size)
         shape = x.shape
-        if self.kernel_layout:
+        if self.kernel_layout == "aten":
             x2 = x.reshape(-1, shape[-1])  # (tokens, in)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2.to(self.scales.dtype), self.weight, self.group_size, self.scales)
             return y.to(x.dtype).view(*shape[:-1], self.out_features)  # (..., out)
         w = dequantize_int4(self.weight, self.scales, self.zeros).to(x.dtype)
         return F.linear(x, w)
+
+
+class HalfLinear(nn.Module):
+    """A CPU linear layer with fp16 or bf16 weights that decodes through llama.kernels.
+
+    Inputs of more than KERNEL_MAX_TOKENS tokens (prefill) go to F.linear, whose bf16 matrix
+    multiplies use the CPU's matrix units where it has them.
+    """
+
+    KERNEL_MAX_TOKENS = 4
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.weight = original.weight
+        self.parallel = _parallel_kind(original)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _communicate(self.parallel, x, self._local)
+
+    def _local(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() // x.shape[-1] <= self.KERNEL_MAX_TOKENS:
+            return kernels.linear(x, self.weight)
+        return F.linear(x, self.weight)
 
 
 def _parallel_kind(original: nn.Module) -> str | None:
@@ -295,11 +340,19 @@ def group_size_of(state_dict: dict) -> int:
 
 
 def prepare_for_device(model: nn.Module) -> None:
-    """Switch quantized layers to the fastest kernel their device has (after load_state_dict)."""
-    for m in model.modules():
-        if isinstance(m, Int4Linear):
-            m.to_kernel_layout()
-            trim_heap()
+    """Switch linear layers to the fastest kernel their device has (after load_state_dict):
+    on CPU, llama.kernels for int8, int4, fp16 and bf16 weights where they build."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, Int4Linear):
+                child.to_kernel_layout()
+                trim_heap()
+            elif isinstance(child, Int8Linear):
+                child.use_kernel()
+            elif (name in LINEAR_NAMES and isinstance(getattr(child, "weight", None), torch.Tensor)
+                  and child.weight.device.type == "cpu" and child.weight.dtype in (torch.float16, torch.bfloat16)
+                  and getattr(child, "bias", None) is None and kernels.available()):
+                setattr(module, name, HalfLinear(child))
 
 
 # ---------------------------------------------------------------------------- memory

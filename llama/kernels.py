@@ -1,0 +1,94 @@
+"""C++ kernels for CPU linear layers whose weights are fp16, bf16, int8 or int4 (csrc/cpu_linear.cpp).
+
+PyTorch's own CPU paths for these weights convert or dequantize at a fraction of memory speed
+when decoding (one token per row); these kernels read each weight once and convert it in
+registers. They are compiled on first use with torch.utils.cpp_extension (a C++ compiler and
+ninja are needed; about 30 s once, then cached under ~/.cache/torch_extensions), for AVX512 or
+AVX2 as `torch.backends.cpu.get_cpu_capability()` reports. Where that fails, or with the
+environment variable LLAMA_CPU_KERNELS=0, `available()` is False and the layers use PyTorch ops.
+"""
+
+import logging
+import os
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_linear.cpp")
+FLAGS = {
+    "AVX512": ["-DLLAMA_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+}
+INT4_BLOCK = 32  # int4 values per packed block (see pack_int4)
+_loaded: bool | None = None  # None until the first available() call
+
+
+def available() -> bool:
+    """True when the kernels are built and loaded (building them the first time)."""
+    global _loaded
+    if _loaded is None:
+        _loaded = _load()
+    return _loaded
+
+
+def _load() -> bool:
+    if os.environ.get("LLAMA_CPU_KERNELS", "1") == "0":
+        log.info("LLAMA_CPU_KERNELS=0: CPU kernels off")
+        return False
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in FLAGS:
+        log.info("no CPU kernels for capability %s; using PyTorch ops", capability)
+        return False
+    try:
+        from torch.utils.cpp_extension import load
+
+        log.info("loading the %s CPU kernels (the first time compiles them, about 30 s)", capability)
+        load(name=f"llama_cpu_{capability.lower()}", sources=[SOURCE], is_python_module=False,
+             extra_cflags=["-O3", "-fopenmp", *FLAGS[capability]], extra_ldflags=["-fopenmp"])
+    except Exception as e:  # no compiler, no ninja, a failed build: all mean "use PyTorch ops"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        log.warning("CPU kernels could not be built (%s); using PyTorch ops, which decode slower", first)
+        return False
+    _register_fakes()
+    return True
+
+
+def _register_fakes() -> None:
+    """Output shapes for torch.compile, which traces the ops without running them."""
+    if getattr(_register_fakes, "done", False):
+        return
+
+    @torch.library.register_fake("llama_cpu::linear")
+    def _(x, weight, scales):
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+    @torch.library.register_fake("llama_cpu::linear_int4")
+    def _(x, weight, scale, shift, group_size):
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+    _register_fakes.done = True
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., in) @ weight (out, in)^T [* scales (out,)], weight fp16, bf16 or int8; in x's dtype."""
+    return torch.ops.llama_cpu.linear(x, weight, scales)
+
+
+def linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                group_size: int) -> torch.Tensor:
+    """x @ W^T with W[n, k] = q[n, k] * scale[n, g] + shift[n, g] (g = k // group_size), q from
+    `pack_int4`, scale and shift fp32 (out, in / group_size); in x's dtype."""
+    return torch.ops.llama_cpu.linear_int4(x, packed, scale, shift, group_size)
+
+
+def int4_group_ok(in_features: int, group_size: int) -> bool:
+    return group_size % INT4_BLOCK == 0 and in_features % group_size == 0
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Values 0..15, uint8 (out, in) -> uint8 (out, in / 2): in each block of 32 values, byte j
+    holds value j (low nibble) and value 16 + j (high nibble), so 16 bytes widen to two vectors."""
+    out_f, in_f = q.shape
+    blocks = q.view(out_f, in_f // INT4_BLOCK, 2, INT4_BLOCK // 2)  # (out, blocks, halves, 16)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(out_f, in_f // 2)  # (out, in/2)

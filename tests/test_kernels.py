@@ -1,0 +1,156 @@
+"""llama.kernels (the C++ CPU linear kernels) against float references, and the layers that use them."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llama import kernels
+from llama import quantize as Q
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Shapes with row and column counts that are not multiples of the vector width or row tile.
+SHAPES = [(37, 100), (64, 768), (130, 2048), (5, 33)]
+
+
+def test_kernels_build_here():
+    """This machine (and CI) has a compiler; a kernel that silently failed to build would leave
+    every other test here on the PyTorch fallback."""
+    assert os.environ.get("LLAMA_CPU_KERNELS", "1") != "0", "unset LLAMA_CPU_KERNELS to test the kernels"
+    assert kernels.available(), "llama.kernels did not build; see the warning logged by llama.kernels"
+
+
+def _check_dense(tokens, n, k, wdtype):
+    g = torch.Generator().manual_seed(n * 1000 + k + tokens)
+    x = torch.randn(tokens, k, generator=g)
+    w = torch.randn(n, k, generator=g)
+    if wdtype == torch.int8:
+        q, scales = Q.quantize_int8(w)
+        ref = x.double() @ Q.dequantize_int8(q, scales).double().t()
+        got = kernels.linear(x, q, scales)
+    else:
+        wd = w.to(wdtype)
+        ref = x.double() @ wd.double().t()
+        got = kernels.linear(x, wd)
+    assert got.shape == (tokens, n) and got.dtype == torch.float32
+    # fp32 sums of up to 2048 products of size ~1: a few ulps of the largest partial sums.
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=2e-5 * k ** 0.5)
+
+
+@pytest.mark.parametrize("wdtype", [torch.float16, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 9])
+def test_dense_kernel_equals_float_product(tokens, wdtype):
+    for n, k in SHAPES:
+        _check_dense(tokens, n, k, wdtype)
+
+
+def _check_int4(tokens, n, k, group_size):
+    g = torch.Generator().manual_seed(n + k + tokens + group_size)
+    x = torch.randn(tokens, k, generator=g)
+    packed, scales, zeros = Q.quantize_int4(torch.randn(n, k, generator=g), group_size)
+    ref = x.double() @ Q.dequantize_int4(packed, scales, zeros).double().t()
+    shift = zeros - 8 * scales
+    got = kernels.linear_int4(x, kernels.pack_int4(Q.unpack_int4(packed)), scales, shift, group_size)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=2e-5 * k ** 0.5)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("tokens", [1, 3, 4, 6])
+def test_int4_kernel_equals_dequantized_product(tokens, group_size):
+    for n, k in [(37, 128), (130, 2048), (64, 768)]:
+        if k % group_size == 0:
+            _check_int4(tokens, n, k, group_size)
+
+
+def test_pack_int4_layout():
+    q = torch.arange(64, dtype=torch.uint8).remainder(16).view(1, 64)  # 0..15, 0..15, ...
+    packed = kernels.pack_int4(q)
+    assert packed.shape == (1, 32)
+    # byte j of a block holds values j (low) and 16 + j (high) of that block of 32.
+    assert packed[0, 3].item() == (3 | (3 << 4)) and packed[0, 16 + 5].item() == (5 | (5 << 4))
+
+
+def test_input_dtype_and_leading_shape_are_kept():
+    w = torch.randn(24, 64).to(torch.bfloat16)
+    x = torch.randn(2, 3, 64)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        y = kernels.linear(x.to(dtype), w)
+        assert y.shape == (2, 3, 24) and y.dtype == dtype
+        torch.testing.assert_close(y.float(), F.linear(x.to(dtype).float(), w.float()), rtol=2e-2, atol=2e-2)
+
+
+def test_wrong_input_width_is_an_error():
+    with pytest.raises(RuntimeError, match="features"):
+        kernels.linear(torch.randn(1, 10), torch.randn(4, 12).half())
+
+
+# ---------------------------------------------------------------------------- layers
+
+
+def test_layers_use_the_kernels_and_match_the_fallback():
+    """After prepare_for_device, int8, int4 and bf16 layers run the kernels and give what the
+    PyTorch fallback gives for the same weights."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(96, 256, generator=g)
+    x = torch.randn(1, 2, 256, generator=g)
+
+    int8 = Q.Int8Linear(256, 96)
+    int8.weight, int8.scales = Q.quantize_int8(w)
+    ref8 = int8(x)
+    int8.use_kernel()
+    assert int8.kernel
+    torch.testing.assert_close(int8(x), ref8, rtol=1e-5, atol=1e-5)
+
+    int4 = Q.Int4Linear(256, 96, 64)
+    int4.weight, int4.scales, int4.zeros = Q.quantize_int4(w, 64)
+    ref4 = int4(x)
+    int4.to_kernel_layout()
+    assert int4.kernel_layout == "llama"
+    torch.testing.assert_close(int4(x), ref4, rtol=1e-5, atol=1e-4)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wq = torch.nn.Linear(256, 96, bias=False).to(torch.bfloat16)
+
+    block = Block()
+    ref = F.linear(x.bfloat16().float(), block.wq.weight.float())
+    Q.prepare_for_device(block)
+    assert isinstance(block.wq, Q.HalfLinear)
+    torch.testing.assert_close(block.wq(x.bfloat16()).float(), ref, rtol=1e-2, atol=1e-2)
+    assert list(block.state_dict()) == ["wq.weight"]  # Meta's key, unchanged
+    long = torch.randn(1, Q.HalfLinear.KERNEL_MAX_TOKENS + 1, 256).bfloat16()  # prefill: F.linear
+    torch.testing.assert_close(block.wq(long).float(), F.linear(long.float(), block.wq.weight.float()),
+                               rtol=1e-2, atol=1e-2)
+
+
+def test_kernels_compile_with_torch_compile():
+    """The ops trace under torch.compile (their fake shapes are registered) and give eager's result."""
+    w, s = Q.quantize_int8(torch.randn(48, 64))
+    x = torch.randn(1, 64)
+
+    def f(x):
+        return torch.nn.functional.silu(kernels.linear(x, w, s)) * 2
+
+    torch.testing.assert_close(torch.compile(f)(x), f(x))
+
+
+def test_avx2_build_equals_reference():
+    """The 8-wide build most desktop CPUs get, forced with ATen's capability override."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("this CPU has no AVX2")
+    code = (
+        "import torch, test_kernels as t; from llama import kernels;"
+        "assert torch.backends.cpu.get_cpu_capability() == 'AVX2';"
+        "assert kernels.available();"
+        "[t._check_dense(m, n, k, d) for m in (1, 5) for n, k in t.SHAPES "
+        " for d in (torch.float16, torch.bfloat16, torch.int8)];"
+        "[t._check_int4(m, 130, 2048, 64) for m in (1, 5)]; print('ok')"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2",
+           "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")])}
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-3000:]
