@@ -10,10 +10,9 @@ DTYPES = {
 
 # CPU "auto", measured on a 2-core AVX512-BF16/AMX Xeon (benchmarks/RESULTS.md): models below
 # CPU_HALF_MIN_PARAMS are bound by per-op overhead, not memory bandwidth, so they keep fp32
-# (exact, and no slower). Bigger models use bf16 where the CPU has native bf16: matrix-vector
-# products of 7B-shape weights ran at ~12 G weights/s in bf16, ~7.5 in fp32 and ~6 in fp16
-# (fp16 was the slowest), and PyTorch's int8/int4 kernels are fast only with bf16 inputs.
-# Without native bf16 they stay fp32.
+# (exact, and no slower). Bigger models use bf16 where the CPU has native bf16: half the bytes
+# of fp32 to read per decoded token (through llama.kernels), and prefill on the CPU's bf16
+# matrix units. Without native bf16 they stay fp32.
 CPU_HALF_MIN_PARAMS = 50_000_000
 
 
