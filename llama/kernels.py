@@ -64,7 +64,7 @@ def _register_fakes() -> None:
         return x.new_empty(*x.shape[:-1], weight.shape[0])
 
     @torch.library.register_fake("llama_cpu::linear_int4")
-    def _(x, weight, scale, shift, group_size):
+    def _(x, weight, scales, zeros, group_size):
         return x.new_empty(*x.shape[:-1], weight.shape[0])
 
     _register_fakes.done = True
@@ -75,11 +75,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
     return torch.ops.llama_cpu.linear(x, weight, scales)
 
 
-def linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                 group_size: int) -> torch.Tensor:
-    """x @ W^T with W[n, k] = q[n, k] * scale[n, g] + shift[n, g] (g = k // group_size), q from
-    `pack_int4`, scale and shift fp32 (out, in / group_size); in x's dtype."""
-    return torch.ops.llama_cpu.linear_int4(x, packed, scale, shift, group_size)
+    """x @ W^T with W[n, k] = (q[n, k] - 8) * scales[n, g] + zeros[n, g] (g = k // group_size):
+    llama.quantize's int4 with q repacked by `pack_int4`; scales and zeros (out, in / group_size)
+    fp32, fp16 or bf16. In x's dtype."""
+    return torch.ops.llama_cpu.linear_int4(x, packed, scales, zeros, group_size)
 
 
 def int4_group_ok(in_features: int, group_size: int) -> bool:

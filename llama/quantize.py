@@ -176,11 +176,7 @@ class Int4Linear(nn.Module):
             packed = torch.empty_like(self.weight)
             for lo in range(0, self.out_features, 1024):
                 packed[lo : lo + 1024] = kernels.pack_int4(unpack_int4(self.weight[lo : lo + 1024]))
-            self.weight = packed
-            scales = self.scales.float()
-            # w = (q - 8) * scale + zero = q * scale + shift
-            self.zeros = (self.zeros.float() - 8 * scales).contiguous()  # the shift, (out, groups)
-            self.scales = scales.contiguous()
+            self.weight = packed  # scales and zeros stay as they are
             self.kernel_layout = "llama"
         elif _int4_cpu_kernel_ok(self.weight.device, self.out_features, self.in_features, self.group_size):
             packed = torch.empty_like(self.weight)  # PyTorch's kernel packs blocks of 64 rows

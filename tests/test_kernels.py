@@ -52,9 +52,14 @@ def _check_int4(tokens, n, k, group_size):
     x = torch.randn(tokens, k, generator=g)
     packed, scales, zeros = Q.quantize_int4(torch.randn(n, k, generator=g), group_size)
     ref = x.double() @ Q.dequantize_int4(packed, scales, zeros).double().t()
-    shift = zeros - 8 * scales
-    got = kernels.linear_int4(x, kernels.pack_int4(Q.unpack_int4(packed)), scales, shift, group_size)
+    got = kernels.linear_int4(x, kernels.pack_int4(Q.unpack_int4(packed)), scales, zeros, group_size)
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=2e-5 * k ** 0.5)
+    # Half-precision scales and zeros, as a bf16 or fp16 model stores them.
+    for dtype in (torch.bfloat16, torch.float16):
+        s, z = scales.to(dtype), zeros.to(dtype)
+        ref = x.double() @ Q.dequantize_int4(packed, s.float(), z.float()).double().t()
+        got = kernels.linear_int4(x, kernels.pack_int4(Q.unpack_int4(packed)), s, z, group_size)
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=2e-5 * k ** 0.5)
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])

@@ -117,11 +117,14 @@ void dense(const T* w, int64_t N, int64_t K, const float* x, int64_t M, const fl
   });
 }
 
-// int4: w[n, k] = q[n, k] * scale[n, g] + shift[n, g], g = k / G. Bytes hold blocks of 32 values:
-// byte j of block b = q[32 b + j] | q[32 b + 16 + j] << 4. xsum[m, g] = sum of x[m] over group g.
-template <int R, int MT>
+inline float to_float(float v) { return v; }
+
+// int4: w[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g], g = k / G, so that
+// sum_k w x = sum_g scale * (q . x)_g + (zero - 8 scale) * xsum[m, g], xsum = sum of x over group g.
+// Bytes hold blocks of 32 values: byte j of block b = q[32 b + j] | q[32 b + 16 + j] << 4.
+template <typename S, int R, int MT>
 inline void int4_tile(const uint8_t* w, int64_t K, int64_t G, const float* x, const float* xsum, int64_t n0,
-                      int64_t m0, const float* scale, const float* shift, float* y, int64_t N) {
+                      int64_t m0, const S* scale, const S* zero, float* y, int64_t N) {
   const int64_t groups = K / G;
   vf acc[R][MT];
   float zacc[R][MT];
@@ -147,7 +150,8 @@ inline void int4_tile(const uint8_t* w, int64_t K, int64_t G, const float* x, co
       }
     }
     for (int r = 0; r < R; ++r) {
-      const float s = scale[(n0 + r) * groups + g], z = shift[(n0 + r) * groups + g];
+      const float s = to_float(scale[(n0 + r) * groups + g]);
+      const float z = to_float(zero[(n0 + r) * groups + g]) - 8.0f * s;
       vf sv = vset1(s);
       for (int m = 0; m < MT; ++m) {
         acc[r][m] = vfma(part[r][m], sv, acc[r][m]);
@@ -159,15 +163,15 @@ inline void int4_tile(const uint8_t* w, int64_t K, int64_t G, const float* x, co
     for (int m = 0; m < MT; ++m) y[(m0 + m) * N + n0 + r] = vsum(acc[r][m]) + zacc[r][m];
 }
 
-template <int R>
+template <typename S, int R>
 inline void int4_rows(const uint8_t* w, int64_t K, int64_t G, const float* x, const float* xsum, int64_t M,
-                      int64_t n0, const float* scale, const float* shift, float* y, int64_t N) {
+                      int64_t n0, const S* scale, const S* zero, float* y, int64_t N) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) int4_tile<R, 4>(w, K, G, x, xsum, n0, m, scale, shift, y, N);
+  for (; m + 4 <= M; m += 4) int4_tile<S, R, 4>(w, K, G, x, xsum, n0, m, scale, zero, y, N);
   switch (M - m) {
-    case 3: int4_tile<R, 3>(w, K, G, x, xsum, n0, m, scale, shift, y, N); break;
-    case 2: int4_tile<R, 2>(w, K, G, x, xsum, n0, m, scale, shift, y, N); break;
-    case 1: int4_tile<R, 1>(w, K, G, x, xsum, n0, m, scale, shift, y, N); break;
+    case 3: int4_tile<S, R, 3>(w, K, G, x, xsum, n0, m, scale, zero, y, N); break;
+    case 2: int4_tile<S, R, 2>(w, K, G, x, xsum, n0, m, scale, zero, y, N); break;
+    case 1: int4_tile<S, R, 1>(w, K, G, x, xsum, n0, m, scale, zero, y, N); break;
   }
 }
 
@@ -180,6 +184,22 @@ at::Tensor shaped_output(const at::Tensor& y, const at::Tensor& x, int64_t N) {
   auto sizes = x.sizes().vec();
   sizes.back() = N;
   return y.to(x.scalar_type()).view(sizes);  // (..., N)
+}
+
+template <typename S>
+void int4_product(const uint8_t* w, int64_t N, int64_t K, int64_t G, const float* x, const float* xsum,
+                  int64_t M, const S* scale, const S* zero, float* y) {
+  constexpr int R = 4;
+  at::parallel_for(0, (N + R - 1) / R, 8, [&](int64_t b, int64_t e) {
+    const char* start = (const char*)(w + b * R * K / 2);
+    const int64_t len = std::min<int64_t>(PF0, (std::min(e * R, N) - b * R) * K / 2);
+    for (int64_t off = 0; off < len; off += 64) _mm_prefetch(start + off, _MM_HINT_T0);
+    for (int64_t i = b; i < e; ++i) {
+      int64_t n0 = i * R;
+      if (n0 + R <= N) int4_rows<S, R>(w, K, G, x, xsum, M, n0, scale, zero, y, N);
+      else for (int64_t n = n0; n < N; ++n) int4_rows<S, 1>(w, K, G, x, xsum, M, n, scale, zero, y, N);
+    }
+  });
 }
 
 }  // namespace
@@ -207,40 +227,37 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   return shaped_output(y, x, N);
 }
 
-// x (..., K); weight (N, K/2) uint8 in 32-value blocks; scale, shift (N, K/G) float32 -> (..., N)
-at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
-                       const at::Tensor& shift, int64_t group_size) {
+// x (..., K); weight (N, K/2) uint8 in 32-value blocks; scales, zeros (N, K/G) of one float dtype
+// -> (..., N) in x's dtype
+at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
+                       const at::Tensor& zeros, int64_t group_size) {
   const int64_t N = weight.size(0), K = weight.size(1) * 2, G = group_size;
   TORCH_CHECK(G % 32 == 0 && K % G == 0, "group size must be a multiple of 32 dividing ", K);
   TORCH_CHECK(weight.scalar_type() == at::kByte && weight.is_contiguous(), "weight must be contiguous uint8");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && shift.scalar_type() == at::kFloat && scale.is_contiguous() &&
-              shift.is_contiguous() && scale.numel() == N * (K / G) && shift.numel() == N * (K / G),
-              "scale and shift must be contiguous float32 of shape (", N, ", ", K / G, ")");
+  TORCH_CHECK(scales.scalar_type() == zeros.scalar_type() && scales.is_contiguous() && zeros.is_contiguous() &&
+              scales.numel() == N * (K / G) && zeros.numel() == N * (K / G),
+              "scales and zeros must be contiguous, of one dtype and of shape (", N, ", ", K / G, ")");
   at::Tensor xf = flat_input(x, K);
   const int64_t M = xf.size(0), groups = K / G;
   at::Tensor xsum = xf.view({M, groups, G}).sum(-1).contiguous();  // (M, groups)
   at::Tensor y = at::empty({M, N}, xf.options());
   const uint8_t* w = weight.data_ptr<uint8_t>();
   const float *xp = xf.data_ptr<float>(), *xs = xsum.data_ptr<float>();
-  const float *sp = scale.data_ptr<float>(), *zp = shift.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  constexpr int R = 4;
-  at::parallel_for(0, (N + R - 1) / R, 8, [&](int64_t b, int64_t e) {
-    const char* start = (const char*)(w + b * R * K / 2);
-    const int64_t len = std::min<int64_t>(PF0, (std::min(e * R, N) - b * R) * K / 2);
-    for (int64_t off = 0; off < len; off += 64) _mm_prefetch(start + off, _MM_HINT_T0);
-    for (int64_t i = b; i < e; ++i) {
-      int64_t n0 = i * R;
-      if (n0 + R <= N) int4_rows<R>(w, K, G, xp, xs, M, n0, sp, zp, yp, N);
-      else for (int64_t n = n0; n < N; ++n) int4_rows<1>(w, K, G, xp, xs, M, n, sp, zp, yp, N);
-    }
-  });
+  switch (scales.scalar_type()) {
+    case at::kFloat: int4_product(w, N, K, G, xp, xs, M, scales.data_ptr<float>(), zeros.data_ptr<float>(), yp); break;
+    case at::kHalf:
+      int4_product(w, N, K, G, xp, xs, M, scales.data_ptr<at::Half>(), zeros.data_ptr<at::Half>(), yp); break;
+    case at::kBFloat16:
+      int4_product(w, N, K, G, xp, xs, M, scales.data_ptr<at::BFloat16>(), zeros.data_ptr<at::BFloat16>(), yp); break;
+    default: TORCH_CHECK(false, "unsupported scales dtype ", scales.scalar_type());
+  }
   return shaped_output(y, x, N);
 }
 
 TORCH_LIBRARY(llama_cpu, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? scales) -> Tensor");
-  m.def("linear_int4(Tensor x, Tensor weight, Tensor scale, Tensor shift, int group_size) -> Tensor");
+  m.def("linear_int4(Tensor x, Tensor weight, Tensor scales, Tensor zeros, int group_size) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(llama_cpu, CPU, m) {
   m.impl("linear", &linear);
