@@ -3,9 +3,10 @@
 PyTorch's own CPU paths for these weights convert or dequantize at a fraction of memory speed
 when decoding (one token per row); these kernels read each weight once and convert it in
 registers. They are compiled on first use with torch.utils.cpp_extension (a C++ compiler and
-ninja are needed; about 30 s once, then cached under ~/.cache/torch_extensions), for AVX512 or
-AVX2 as `torch.backends.cpu.get_cpu_capability()` reports. Where that fails, or with the
-environment variable LLAMA_CPU_KERNELS=0, `available()` is False and the layers use PyTorch ops.
+ninja are needed; about 30 s once, then cached under ~/.cache/torch_extensions), for the best of
+AVX512 with bf16 dot products, AVX512 and AVX2 that the CPU has. Where that fails, or with the
+environment variable LLAMA_CPU_KERNELS=0, `available()` is False and the layers use PyTorch ops;
+LLAMA_CPU_KERNELS=avx2 (or avx512, avx512_bf16) picks a build instead.
 """
 
 import logging
@@ -16,42 +17,67 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_linear.cpp")
-FLAGS = {
-    "AVX512": ["-DLLAMA_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
-    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+_AVX512 = ["-DLLAMA_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
+FLAGS = {  # builds, best first
+    "avx512_bf16": [*_AVX512, "-DLLAMA_AVX512_BF16", "-mavx512bf16"],
+    "avx512": _AVX512,
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
 }
-INT4_BLOCK = 32  # int4 values per packed block (see pack_int4)
-_loaded: bool | None = None  # None until the first available() call
+INT4_BLOCK = 64  # int4 values per packed block (see pack_int4)
+_loaded: str | None = None  # the build in use, "" when none; None until the first available() call
 
 
 def available() -> bool:
     """True when the kernels are built and loaded (building them the first time)."""
+    return bool(loaded_build())
+
+
+def loaded_build() -> str:
+    """The build in use ("avx512_bf16", "avx512" or "avx2"), or "" when the kernels are off."""
     global _loaded
     if _loaded is None:
         _loaded = _load()
     return _loaded
 
 
-def _load() -> bool:
-    if os.environ.get("LLAMA_CPU_KERNELS", "1") == "0":
-        log.info("LLAMA_CPU_KERNELS=0: CPU kernels off")
-        return False
+def build_for_this_cpu() -> str | None:
+    """The best build this CPU runs: from PyTorch's capability (which ATEN_CPU_CAPABILITY can
+    lower) and, for bf16 dot products, the CPU flags."""
     capability = torch.backends.cpu.get_cpu_capability()
-    if capability not in FLAGS:
-        log.info("no CPU kernels for capability %s; using PyTorch ops", capability)
-        return False
+    if capability == "AVX512":
+        return "avx512_bf16" if "avx512_bf16" in _cpu_flags() else "avx512"
+    return "avx2" if capability == "AVX2" else None
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def _load() -> str:
+    choice = os.environ.get("LLAMA_CPU_KERNELS", "auto").strip().lower()
+    if choice == "0":
+        log.info("LLAMA_CPU_KERNELS=0: CPU kernels off")
+        return ""
+    build = build_for_this_cpu() if choice == "auto" else choice
+    if build not in FLAGS:
+        log.info("no CPU kernels for %s; using PyTorch ops", build or torch.backends.cpu.get_cpu_capability())
+        return ""
     try:
         from torch.utils.cpp_extension import load
 
-        log.info("loading the %s CPU kernels (the first time compiles them, about 30 s)", capability)
-        load(name=f"llama_cpu_{capability.lower()}", sources=[SOURCE], is_python_module=False,
-             extra_cflags=["-O3", "-fopenmp", *FLAGS[capability]], extra_ldflags=["-fopenmp"])
+        log.info("loading the %s CPU kernels (the first time compiles them, about 30 s)", build)
+        load(name=f"llama_cpu_{build}", sources=[SOURCE], is_python_module=False,
+             extra_cflags=["-O3", "-fopenmp", *FLAGS[build]], extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler, no ninja, a failed build: all mean "use PyTorch ops"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         log.warning("CPU kernels could not be built (%s); using PyTorch ops, which decode slower", first)
-        return False
+        return ""
     _register_fakes()
-    return True
+    return build
 
 
 def _register_fakes() -> None:
@@ -79,17 +105,19 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
                 group_size: int) -> torch.Tensor:
     """x @ W^T with W[n, k] = (q[n, k] - 8) * scales[n, g] + zeros[n, g] (g = k // group_size):
     llama.quantize's int4 with q repacked by `pack_int4`; scales and zeros (out, in / group_size)
-    fp32, fp16 or bf16. In x's dtype."""
+    fp32, fp16 or bf16. In x's dtype. The avx512_bf16 build multiplies q - 8 by x rounded to
+    bf16 (the zeros part uses x as it is)."""
     return torch.ops.llama_cpu.linear_int4(x, packed, scales, zeros, group_size)
 
 
 def int4_group_ok(in_features: int, group_size: int) -> bool:
-    return group_size % INT4_BLOCK == 0 and in_features % group_size == 0
+    return in_features % INT4_BLOCK == 0 and in_features % group_size == 0 and (
+        group_size == 32 or group_size % INT4_BLOCK == 0)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """Values 0..15, uint8 (out, in) -> uint8 (out, in / 2): in each block of 32 values, byte j
-    holds value j (low nibble) and value 16 + j (high nibble), so 16 bytes widen to two vectors."""
+    """Values 0..15, uint8 (out, in) -> uint8 (out, in / 2): in each block of 64 values, byte j
+    holds value j (low nibble) and value 32 + j (high nibble), so 32 bytes widen to two vectors."""
     out_f, in_f = q.shape
-    blocks = q.view(out_f, in_f // INT4_BLOCK, 2, INT4_BLOCK // 2)  # (out, blocks, halves, 16)
+    blocks = q.view(out_f, in_f // INT4_BLOCK, 2, INT4_BLOCK // 2)  # (out, blocks, halves, 32)
     return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(out_f, in_f // 2)  # (out, in/2)

@@ -1,7 +1,7 @@
 // y = x W^T for CPU, with W stored as fp16, bf16, int8 (per-row scales) or int4 (group-wise), for
 // the few-token inputs of decoding. Each weight is read once per call and converted in registers;
-// the arithmetic is fp32. Built by llama/kernels.py with -DLLAMA_AVX512 (16-wide) or without it
-// (AVX2, 8-wide).
+// the arithmetic is fp32 (int4 on CPUs with AVX512-BF16: bf16 products, fp32 sums). Built by
+// llama/kernels.py with -DLLAMA_AVX512 (16-wide, plus -DLLAMA_AVX512_BF16) or without (AVX2, 8-wide).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -120,42 +120,94 @@ void dense(const T* w, int64_t N, int64_t K, const float* x, int64_t M, const fl
 inline float to_float(float v) { return v; }
 
 // int4: w[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g], g = k / G, so that
-// sum_k w x = sum_g scale * (q . x)_g + (zero - 8 scale) * xsum[m, g], xsum = sum of x over group g.
-// Bytes hold blocks of 32 values: byte j of block b = q[32 b + j] | q[32 b + 16 + j] << 4.
+// sum_k w x = sum_g scale * ((q - c) . x)_g + (zero - (8 - c) scale) * xsum[m, g], xsum = sum of x
+// over group g, c = 8 - Q_OFFSET.
+// Bytes hold blocks of 64 values: byte j of block b = q[64 b + j] | q[64 b + 32 + j] << 4, so a
+// block's low nibbles are its first 32 values and its high nibbles the last 32. G is 32 (a block
+// holds two groups) or a multiple of 64.
+constexpr int64_t BLOCK = 64;
+
+#if defined(LLAMA_AVX512_BF16)
+// x in bf16; each block is two vdpbf16ps (32 products each) after turning nibbles into q - 8 in
+// bf16 by table. Centred values keep x's bf16 rounding from being multiplied by an offset of 8
+// that the zeros term would then cancel (0.2-0.9% error with q itself, measured).
+constexpr float Q_OFFSET = 0.0f;
+// bf16 bit patterns of q - 8 for q = 0..15 (-8.0 is 0xC100, 1.0 is 0x3F80), then padding.
+alignas(64) constexpr uint16_t Q_TO_BF16[32] = {
+    0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80,
+    0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0};
+using XT = at::BFloat16;
+#else
+constexpr float Q_OFFSET = 8.0f;  // products use q; the zeros term takes the 8 off
+using XT = float;
+#endif
+
+// Products of one block of row wb with the MT inputs xm at kb, into plo (low 32 values) and phi.
+template <int MT>
+__attribute__((always_inline)) inline void int4_block(const uint8_t* wb, const XT* const* xm, int64_t kb,
+                                                      vf* plo, vf* phi) {
+#if defined(LLAMA_AVX512_BF16)
+  const __m512i table = _mm512_load_si512(Q_TO_BF16);
+  __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)wb));  // 32 x u16
+  __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(words, _mm512_set1_epi16(15)), table);
+  __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4), table);
+#pragma GCC unroll 4
+  for (int m = 0; m < MT; ++m) {
+    plo[m] = _mm512_dpbf16_ps(plo[m], lo, (__m512bh)_mm512_loadu_si512(xm[m] + kb));
+    phi[m] = _mm512_dpbf16_ps(phi[m], hi, (__m512bh)_mm512_loadu_si512(xm[m] + kb + 32));
+  }
+#else
+#pragma GCC unroll 4
+  for (int h = 0; h < 32; h += W) {
+    vf lo, hi;
+    load_nibbles(wb + h, lo, hi);
+#pragma GCC unroll 4
+    for (int m = 0; m < MT; ++m) {
+      plo[m] = vfma(lo, vload(xm[m] + kb + h), plo[m]);
+      phi[m] = vfma(hi, vload(xm[m] + kb + 32 + h), phi[m]);
+    }
+  }
+#endif
+}
+
 template <typename S, int R, int MT>
-inline void int4_tile(const uint8_t* w, int64_t K, int64_t G, const float* x, const float* xsum, int64_t n0,
+inline void int4_tile(const uint8_t* w, int64_t K, int64_t G, const XT* x, const float* xsum, int64_t n0,
                       int64_t m0, const S* scale, const S* zero, float* y, int64_t N) {
   const int64_t groups = K / G;
-  vf acc[R][MT];
+  // A flush applies scales after `per_flush` blocks: one group, or two groups of 32
+  // (the block's low and high halves) when G = 32.
+  const int64_t per_flush = G == 32 ? 1 : G / BLOCK;
+  const XT* xm[MT];
+  for (int m = 0; m < MT; ++m) xm[m] = x + (m0 + m) * K;
+  vf acc[R][MT], plo[R][MT], phi[R][MT];
   float zacc[R][MT];
+#pragma GCC unroll 4
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MT; ++m) { acc[r][m] = vzero(); zacc[r][m] = 0.f; }
-  for (int64_t g = 0; g < groups; ++g) {
-    vf part[R][MT];
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < MT; ++m) part[r][m] = vzero();
-    for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
-      for (int h = 0; h < 16; h += W) {
-        vf xlo[MT], xhi[MT];
-        for (int m = 0; m < MT; ++m) {
-          xlo[m] = vload(x + (m0 + m) * K + k + h);
-          xhi[m] = vload(x + (m0 + m) * K + k + 16 + h);
-        }
-        for (int r = 0; r < R; ++r) {
-          vf lo, hi;
-          _mm_prefetch((const char*)(w + (n0 + r) * (K / 2) + k / 2 + h) + PF, _MM_HINT_T0);
-          load_nibbles(w + (n0 + r) * (K / 2) + k / 2 + h, lo, hi);
-          for (int m = 0; m < MT; ++m) part[r][m] = vfma(hi, xhi[m], vfma(lo, xlo[m], part[r][m]));
-        }
+#pragma GCC unroll 4
+    for (int m = 0; m < MT; ++m) { acc[r][m] = plo[r][m] = phi[r][m] = vzero(); zacc[r][m] = 0.f; }
+  int64_t kb = 0;
+  for (int64_t f = 0; kb < K; ++f) {
+    for (int64_t j = 0; j < per_flush; ++j, kb += BLOCK) {
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* wb = w + (n0 + r) * (K / 2) + kb / 2;
+        _mm_prefetch((const char*)wb + PF, _MM_HINT_T0);
+        int4_block<MT>(wb, xm, kb, plo[r], phi[r]);
       }
     }
+    const int64_t glo = G == 32 ? 2 * f : f, ghi = G == 32 ? 2 * f + 1 : f;  // groups of the two halves
+#pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
-      const float s = to_float(scale[(n0 + r) * groups + g]);
-      const float z = to_float(zero[(n0 + r) * groups + g]) - 8.0f * s;
-      vf sv = vset1(s);
+      const S* sr = scale + (n0 + r) * groups;
+      const S* zr = zero + (n0 + r) * groups;
+      const float slo = to_float(sr[glo]), shi = to_float(sr[ghi]);
+      const float zlo = to_float(zr[glo]) - Q_OFFSET * slo, zhi = to_float(zr[ghi]) - Q_OFFSET * shi;
+#pragma GCC unroll 4
       for (int m = 0; m < MT; ++m) {
-        acc[r][m] = vfma(part[r][m], sv, acc[r][m]);
-        zacc[r][m] += z * xsum[(m0 + m) * groups + g];
+        const float* xs = xsum + (m0 + m) * groups;
+        acc[r][m] = vfma(phi[r][m], vset1(shi), vfma(plo[r][m], vset1(slo), acc[r][m]));
+        zacc[r][m] += glo == ghi ? zlo * xs[glo] : zlo * xs[glo] + zhi * xs[ghi];
+        plo[r][m] = phi[r][m] = vzero();
       }
     }
   }
@@ -164,7 +216,7 @@ inline void int4_tile(const uint8_t* w, int64_t K, int64_t G, const float* x, co
 }
 
 template <typename S, int R>
-inline void int4_rows(const uint8_t* w, int64_t K, int64_t G, const float* x, const float* xsum, int64_t M,
+inline void int4_rows(const uint8_t* w, int64_t K, int64_t G, const XT* x, const float* xsum, int64_t M,
                       int64_t n0, const S* scale, const S* zero, float* y, int64_t N) {
   int64_t m = 0;
   for (; m + 4 <= M; m += 4) int4_tile<S, R, 4>(w, K, G, x, xsum, n0, m, scale, zero, y, N);
@@ -187,7 +239,7 @@ at::Tensor shaped_output(const at::Tensor& y, const at::Tensor& x, int64_t N) {
 }
 
 template <typename S>
-void int4_product(const uint8_t* w, int64_t N, int64_t K, int64_t G, const float* x, const float* xsum,
+void int4_product(const uint8_t* w, int64_t N, int64_t K, int64_t G, const XT* x, const float* xsum,
                   int64_t M, const S* scale, const S* zero, float* y) {
   constexpr int R = 4;
   at::parallel_for(0, (N + R - 1) / R, 8, [&](int64_t b, int64_t e) {
@@ -232,17 +284,37 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
 at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
                        const at::Tensor& zeros, int64_t group_size) {
   const int64_t N = weight.size(0), K = weight.size(1) * 2, G = group_size;
-  TORCH_CHECK(G % 32 == 0 && K % G == 0, "group size must be a multiple of 32 dividing ", K);
+  TORCH_CHECK(K % BLOCK == 0 && K % G == 0 && (G == 32 || G % BLOCK == 0),
+              "int4 needs in_features % 64 == 0 and a group size of 32 or a multiple of 64 dividing it; got ",
+              K, " and ", G);
   TORCH_CHECK(weight.scalar_type() == at::kByte && weight.is_contiguous(), "weight must be contiguous uint8");
   TORCH_CHECK(scales.scalar_type() == zeros.scalar_type() && scales.is_contiguous() && zeros.is_contiguous() &&
               scales.numel() == N * (K / G) && zeros.numel() == N * (K / G),
               "scales and zeros must be contiguous, of one dtype and of shape (", N, ", ", K / G, ")");
   at::Tensor xf = flat_input(x, K);
   const int64_t M = xf.size(0), groups = K / G;
-  at::Tensor xsum = xf.view({M, groups, G}).sum(-1).contiguous();  // (M, groups)
+  // Per-group sums of x, and (bf16 build) x in bf16 for the products: plain loops, cheaper than
+  // ATen ops at one token.
+  at::Tensor xsum = at::empty({M, groups}, xf.options());  // (M, groups)
+  const float* xin = xf.data_ptr<float>();
+  float* xs_out = xsum.data_ptr<float>();
+  for (int64_t i = 0; i < M * groups; ++i) {
+    float t = 0.f;
+    for (int64_t k = 0; k < G; ++k) t += xin[i * G + k];
+    xs_out[i] = t;
+  }
+#if defined(LLAMA_AVX512_BF16)
+  at::Tensor xk = at::empty({M, K}, xf.options().dtype(at::kBFloat16));  // (M, K)
+  auto* xb = reinterpret_cast<uint16_t*>(xk.data_ptr<at::BFloat16>());
+  for (int64_t i = 0; i < M * K; i += 16)  // K % 64 == 0
+    _mm256_storeu_si256((__m256i*)(xb + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(xin + i)));
+#else
+  at::Tensor xk = xf;
+#endif
   at::Tensor y = at::empty({M, N}, xf.options());
   const uint8_t* w = weight.data_ptr<uint8_t>();
-  const float *xp = xf.data_ptr<float>(), *xs = xsum.data_ptr<float>();
+  const XT* xp = xk.data_ptr<XT>();
+  const float* xs = xsum.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   switch (scales.scalar_type()) {
     case at::kFloat: int4_product(w, N, K, G, xp, xs, M, scales.data_ptr<float>(), zeros.data_ptr<float>(), yp); break;
