@@ -238,10 +238,9 @@ at::Tensor shaped_output(const at::Tensor& y, const at::Tensor& x, int64_t N) {
   return y.to(x.scalar_type()).view(sizes);  // (..., N)
 }
 
-template <typename S>
-void int4_product(const uint8_t* w, int64_t N, int64_t K, int64_t G, const XT* x, const float* xsum,
-                  int64_t M, const S* scale, const S* zero, float* y) {
-  constexpr int R = 4;
+template <typename S, int R>
+void int4_rows_parallel(const uint8_t* w, int64_t N, int64_t K, int64_t G, const XT* x, const float* xsum,
+                        int64_t M, const S* scale, const S* zero, float* y) {
   at::parallel_for(0, (N + R - 1) / R, 8, [&](int64_t b, int64_t e) {
     const char* start = (const char*)(w + b * R * K / 2);
     const int64_t len = std::min<int64_t>(PF0, (std::min(e * R, N) - b * R) * K / 2);
@@ -252,6 +251,15 @@ void int4_product(const uint8_t* w, int64_t N, int64_t K, int64_t G, const XT* x
       else for (int64_t n = n0; n < N; ++n) int4_rows<S, 1>(w, K, G, x, xsum, M, n, scale, zero, y, N);
     }
   });
+}
+
+// Rows per tile, measured on 1.1B-shape matrices (2 cores): one token 2 rows (4: -4%, 8: -17%);
+// 8 tokens 1 row (2: -4%, 4: -15%, register spills).
+template <typename S>
+void int4_product(const uint8_t* w, int64_t N, int64_t K, int64_t G, const XT* x, const float* xsum,
+                  int64_t M, const S* scale, const S* zero, float* y) {
+  if (M == 1) int4_rows_parallel<S, 2>(w, N, K, G, x, xsum, M, scale, zero, y);
+  else int4_rows_parallel<S, 1>(w, N, K, G, x, xsum, M, scale, zero, y);
 }
 
 }  // namespace
