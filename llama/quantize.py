@@ -153,9 +153,9 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """y = x W^T with W stored as int4 groups of `group_size` inputs (see the module docstring).
 
-    On CPU the weight is repacked at load time into the layout of llama.kernels (or, without
-    them, of PyTorch's int4 kernel); such a module's state dict is then kernel-specific, so save
-    quantized checkpoints with `save_quantized`.
+    On CPU the weight is repacked at load time into the layout of PyTorch's int4 kernel (or,
+    where that does not apply, of llama.kernels); such a module's state dict is then
+    kernel-specific, so save quantized checkpoints with `save_quantized`.
     """
 
     def __init__(self, in_features: int, out_features: int, group_size: int, dtype=torch.float32, device=None):
@@ -169,16 +169,12 @@ class Int4Linear(nn.Module):
         self.parallel: str | None = None  # fairscale communication, set by convert_linears
 
     def to_kernel_layout(self) -> None:
-        """Repack for the fastest CPU kernel there is, 1024 rows at a time."""
+        """Repack for the fastest CPU kernel there is, 1024 rows at a time: PyTorch's int4 kernel
+        where its shape rules allow (it computes 64 output rows at once; measured on the 110M
+        shape with compile: 189 tok/s against 163 with llama.kernels' int4), else llama.kernels."""
         if self.kernel_layout or self.weight.device.type != "cpu":
             return
-        if kernels.int4_group_ok(self.in_features, self.group_size) and kernels.available():
-            packed = torch.empty_like(self.weight)
-            for lo in range(0, self.out_features, 1024):
-                packed[lo : lo + 1024] = kernels.pack_int4(unpack_int4(self.weight[lo : lo + 1024]))
-            self.weight = packed  # scales and zeros stay as they are
-            self.kernel_layout = "llama"
-        elif _int4_cpu_kernel_ok(self.weight.device, self.out_features, self.in_features, self.group_size):
+        if _int4_cpu_kernel_ok(self.weight.device, self.out_features, self.in_features, self.group_size):
             packed = torch.empty_like(self.weight)  # PyTorch's kernel packs blocks of 64 rows
             for lo in range(0, self.out_features, 1024):
                 rows = unpack_int4(self.weight[lo : lo + 1024]).to(torch.int32)  # (rows, in)
@@ -189,6 +185,12 @@ class Int4Linear(nn.Module):
             del self.zeros
             self.register_buffer("zeros", None)
             self.kernel_layout = "aten"
+        elif kernels.int4_group_ok(self.in_features, self.group_size) and kernels.available():
+            packed = torch.empty_like(self.weight)
+            for lo in range(0, self.out_features, 1024):
+                packed[lo : lo + 1024] = kernels.pack_int4(unpack_int4(self.weight[lo : lo + 1024]))
+            self.weight = packed  # scales and zeros stay as they are
+            self.kernel_layout = "llama"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _communicate(self.parallel, x, self._local)
