@@ -339,7 +339,8 @@ def group_size_of(state_dict: dict) -> int:
 
 def prepare_for_device(model: nn.Module) -> None:
     """Switch linear layers to the fastest kernel their device has (after load_state_dict):
-    on CPU, llama.kernels for int8, int4, fp16 and bf16 weights where they build."""
+    on CPU, llama.kernels for int8, fp16 and bf16 weights where they build, and for int4 the
+    faster of PyTorch's kernel and llama.kernels that the layer's shape allows."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, Int4Linear):
