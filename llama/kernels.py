@@ -3,10 +3,10 @@
 PyTorch's own CPU paths for these weights convert or dequantize at a fraction of memory speed
 when decoding (one token per row); these kernels read each weight once and convert it in
 registers. They are compiled on first use with torch.utils.cpp_extension (a C++ compiler and
-ninja are needed; about 30 s once, then cached under ~/.cache/torch_extensions), for the best of
-AVX512 with bf16 dot products, AVX512 and AVX2 that the CPU has. Where that fails, or with the
-environment variable LLAMA_CPU_KERNELS=0, `available()` is False and the layers use PyTorch ops;
-LLAMA_CPU_KERNELS=avx2 (or avx512, avx512_bf16) picks a build instead.
+ninja are needed; about 30 s once, then cached under ~/.cache/torch_extensions), for AVX512 or
+AVX2, whichever the CPU has. Where that fails, or with the environment variable
+LLAMA_CPU_KERNELS=0, `available()` is False and the layers use PyTorch ops; LLAMA_CPU_KERNELS=avx2
+(or avx512) picks a build instead.
 """
 
 import logging
@@ -17,10 +17,8 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_linear.cpp")
-_AVX512 = ["-DLLAMA_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
 FLAGS = {  # builds, best first
-    "avx512_bf16": [*_AVX512, "-DLLAMA_AVX512_BF16", "-mavx512bf16"],
-    "avx512": _AVX512,
+    "avx512": ["-DLLAMA_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
 }
 INT4_BLOCK = 64  # int4 values per packed block (see pack_int4)
@@ -33,7 +31,7 @@ def available() -> bool:
 
 
 def loaded_build() -> str:
-    """The build in use ("avx512_bf16", "avx512" or "avx2"), or "" when the kernels are off."""
+    """The build in use ("avx512" or "avx2"), or "" when the kernels are off."""
     global _loaded
     if _loaded is None:
         _loaded = _load()
@@ -41,20 +39,9 @@ def loaded_build() -> str:
 
 
 def build_for_this_cpu() -> str | None:
-    """The best build this CPU runs: from PyTorch's capability (which ATEN_CPU_CAPABILITY can
-    lower) and, for bf16 dot products, the CPU flags."""
+    """The best build this CPU runs, from PyTorch's capability (which ATEN_CPU_CAPABILITY can lower)."""
     capability = torch.backends.cpu.get_cpu_capability()
-    if capability == "AVX512":
-        return "avx512_bf16" if "avx512_bf16" in _cpu_flags() else "avx512"
-    return "avx2" if capability == "AVX2" else None
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return set()
+    return capability.lower() if capability.lower() in FLAGS else None
 
 
 def _load() -> str:
@@ -105,8 +92,7 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
                 group_size: int) -> torch.Tensor:
     """x @ W^T with W[n, k] = (q[n, k] - 8) * scales[n, g] + zeros[n, g] (g = k // group_size):
     llama.quantize's int4 with q repacked by `pack_int4`; scales and zeros (out, in / group_size)
-    fp32, fp16 or bf16. In x's dtype. The avx512_bf16 build multiplies q - 8 by x rounded to
-    bf16 (the zeros part uses x as it is)."""
+    fp32, fp16 or bf16. In x's dtype."""
     return torch.ops.llama_cpu.linear_int4(x, packed, scales, zeros, group_size)
 
 

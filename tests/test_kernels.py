@@ -48,31 +48,16 @@ def test_dense_kernel_equals_float_product(tokens, wdtype):
         _check_dense(tokens, n, k, wdtype)
 
 
-def _int4_reference(x, packed, scales, zeros):
-    """What the kernel computes, in float64: (q - 8) * scale with x rounded to bf16 where the
-    build multiplies in bf16, plus zero with x as it is."""
-    q = Q.unpack_int4(packed).double()
-    out_f, in_f = q.shape
-    groups = scales.shape[1]
-    s = scales.double().repeat_interleave(in_f // groups, dim=1)  # (out, in)
-    z = zeros.double().repeat_interleave(in_f // groups, dim=1)
-    xq = x.bfloat16() if kernels.loaded_build() == "avx512_bf16" else x
-    return xq.double() @ ((q - 8) * s).t() + x.double() @ z.t()
-
-
 def _check_int4(tokens, n, k, group_size):
     g = torch.Generator().manual_seed(n + k + tokens + group_size)
     x = torch.randn(tokens, k, generator=g)
     packed, scales, zeros = Q.quantize_int4(torch.randn(n, k, generator=g), group_size)
-    exact = x.double() @ Q.dequantize_int4(packed, scales, zeros).double().t()
     # Half-precision scales and zeros too, as a bf16 or fp16 model stores them.
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         s, z = scales.to(dtype), zeros.to(dtype)
+        ref = x.double() @ Q.dequantize_int4(packed, s.float(), z.float()).double().t()
         got = kernels.linear_int4(x, kernels.pack_int4(Q.unpack_int4(packed)), s, z, group_size)
-        torch.testing.assert_close(got.double(), _int4_reference(x, packed, s, z), rtol=1e-5, atol=2e-5 * k ** 0.5)
-        if dtype == torch.float32:
-            # bf16 products stay far inside int4's own error (about 10%, see test_quantize).
-            assert (got.double() - exact).norm() / exact.norm() < 5e-3
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=2e-5 * k ** 0.5)
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
@@ -127,7 +112,7 @@ def test_layers_use_the_kernels_and_match_the_fallback():
     ref4 = int4(x)
     int4.to_kernel_layout()
     assert int4.kernel_layout == "llama"
-    assert (int4(x) - ref4).norm() / ref4.norm() < 5e-3  # bf16 products on avx512_bf16, else ~1e-7
+    torch.testing.assert_close(int4(x), ref4, rtol=1e-5, atol=1e-4)
 
     class Block(torch.nn.Module):
         def __init__(self):
@@ -156,13 +141,11 @@ def test_kernels_compile_with_torch_compile():
     torch.testing.assert_close(torch.compile(f)(x), f(x))
 
 
-@pytest.mark.parametrize("build", ["avx2", "avx512"])
-def test_other_builds_equal_reference(build):
-    """The builds other CPUs get (AVX2 is most desktops'), forced with LLAMA_CPU_KERNELS."""
-    order = ["avx2", "avx512", "avx512_bf16"]
-    here = kernels.build_for_this_cpu()
-    if here is None or order.index(build) > order.index(here):
-        pytest.skip(f"this CPU cannot run the {build} build")
+def test_avx2_build_equals_reference():
+    """The 8-wide build most desktop CPUs get, forced with LLAMA_CPU_KERNELS."""
+    build = "avx2"
+    if kernels.build_for_this_cpu() is None:
+        pytest.skip("this CPU cannot run the avx2 build")
     code = (
         "import torch, test_kernels as t; from llama import kernels;"
         f"assert kernels.loaded_build() == {build!r};"

@@ -1,7 +1,7 @@
 // y = x W^T for CPU, with W stored as fp16, bf16, int8 (per-row scales) or int4 (group-wise), for
 // the few-token inputs of decoding. Each weight is read once per call and converted in registers;
-// the arithmetic is fp32 (int4 on CPUs with AVX512-BF16: bf16 products, fp32 sums). Built by
-// llama/kernels.py with -DLLAMA_AVX512 (16-wide, plus -DLLAMA_AVX512_BF16) or without (AVX2, 8-wide).
+// the arithmetic is fp32. Built by llama/kernels.py with -DLLAMA_AVX512 (16-wide) or without it
+// (AVX2, 8-wide).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -120,43 +120,16 @@ void dense(const T* w, int64_t N, int64_t K, const float* x, int64_t M, const fl
 inline float to_float(float v) { return v; }
 
 // int4: w[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g], g = k / G, so that
-// sum_k w x = sum_g scale * ((q - c) . x)_g + (zero - (8 - c) scale) * xsum[m, g], xsum = sum of x
-// over group g, c = 8 - Q_OFFSET.
+// sum_k w x = sum_g scale * (q . x)_g + (zero - 8 scale) * xsum[m, g], xsum = sum of x over group g.
 // Bytes hold blocks of 64 values: byte j of block b = q[64 b + j] | q[64 b + 32 + j] << 4, so a
 // block's low nibbles are its first 32 values and its high nibbles the last 32. G is 32 (a block
 // holds two groups) or a multiple of 64.
 constexpr int64_t BLOCK = 64;
 
-#if defined(LLAMA_AVX512_BF16)
-// x in bf16; each block is two vdpbf16ps (32 products each) after turning nibbles into q - 8 in
-// bf16 by table. Centred values keep x's bf16 rounding from being multiplied by an offset of 8
-// that the zeros term would then cancel (0.2-0.9% error with q itself, measured).
-constexpr float Q_OFFSET = 0.0f;
-// bf16 bit patterns of q - 8 for q = 0..15 (-8.0 is 0xC100, 1.0 is 0x3F80), then padding.
-alignas(64) constexpr uint16_t Q_TO_BF16[32] = {
-    0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80,
-    0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0};
-using XT = at::BFloat16;
-#else
-constexpr float Q_OFFSET = 8.0f;  // products use q; the zeros term takes the 8 off
-using XT = float;
-#endif
-
 // Products of one block of row wb with the MT inputs xm at kb, into plo (low 32 values) and phi.
 template <int MT>
-__attribute__((always_inline)) inline void int4_block(const uint8_t* wb, const XT* const* xm, int64_t kb,
+__attribute__((always_inline)) inline void int4_block(const uint8_t* wb, const float* const* xm, int64_t kb,
                                                       vf* plo, vf* phi) {
-#if defined(LLAMA_AVX512_BF16)
-  const __m512i table = _mm512_load_si512(Q_TO_BF16);
-  __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)wb));  // 32 x u16
-  __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(words, _mm512_set1_epi16(15)), table);
-  __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4), table);
-#pragma GCC unroll 4
-  for (int m = 0; m < MT; ++m) {
-    plo[m] = _mm512_dpbf16_ps(plo[m], lo, (__m512bh)_mm512_loadu_si512(xm[m] + kb));
-    phi[m] = _mm512_dpbf16_ps(phi[m], hi, (__m512bh)_mm512_loadu_si512(xm[m] + kb + 32));
-  }
-#else
 #pragma GCC unroll 4
   for (int h = 0; h < 32; h += W) {
     vf lo, hi;
@@ -167,17 +140,16 @@ __attribute__((always_inline)) inline void int4_block(const uint8_t* wb, const X
       phi[m] = vfma(hi, vload(xm[m] + kb + 32 + h), phi[m]);
     }
   }
-#endif
 }
 
 template <typename S, int R, int MT>
-inline void int4_tile(const uint8_t* w, int64_t K, int64_t G, const XT* x, const float* xsum, int64_t n0,
+inline void int4_tile(const uint8_t* w, int64_t K, int64_t G, const float* x, const float* xsum, int64_t n0,
                       int64_t m0, const S* scale, const S* zero, float* y, int64_t N) {
   const int64_t groups = K / G;
   // A flush applies scales after `per_flush` blocks: one group, or two groups of 32
   // (the block's low and high halves) when G = 32.
   const int64_t per_flush = G == 32 ? 1 : G / BLOCK;
-  const XT* xm[MT];
+  const float* xm[MT];
   for (int m = 0; m < MT; ++m) xm[m] = x + (m0 + m) * K;
   vf acc[R][MT], plo[R][MT], phi[R][MT];
   float zacc[R][MT];
@@ -201,7 +173,7 @@ inline void int4_tile(const uint8_t* w, int64_t K, int64_t G, const XT* x, const
       const S* sr = scale + (n0 + r) * groups;
       const S* zr = zero + (n0 + r) * groups;
       const float slo = to_float(sr[glo]), shi = to_float(sr[ghi]);
-      const float zlo = to_float(zr[glo]) - Q_OFFSET * slo, zhi = to_float(zr[ghi]) - Q_OFFSET * shi;
+      const float zlo = to_float(zr[glo]) - 8.0f * slo, zhi = to_float(zr[ghi]) - 8.0f * shi;
 #pragma GCC unroll 4
       for (int m = 0; m < MT; ++m) {
         const float* xs = xsum + (m0 + m) * groups;
@@ -216,7 +188,7 @@ inline void int4_tile(const uint8_t* w, int64_t K, int64_t G, const XT* x, const
 }
 
 template <typename S, int R>
-inline void int4_rows(const uint8_t* w, int64_t K, int64_t G, const XT* x, const float* xsum, int64_t M,
+inline void int4_rows(const uint8_t* w, int64_t K, int64_t G, const float* x, const float* xsum, int64_t M,
                       int64_t n0, const S* scale, const S* zero, float* y, int64_t N) {
   int64_t m = 0;
   for (; m + 4 <= M; m += 4) int4_tile<S, R, 4>(w, K, G, x, xsum, n0, m, scale, zero, y, N);
@@ -239,7 +211,7 @@ at::Tensor shaped_output(const at::Tensor& y, const at::Tensor& x, int64_t N) {
 }
 
 template <typename S, int R>
-void int4_rows_parallel(const uint8_t* w, int64_t N, int64_t K, int64_t G, const XT* x, const float* xsum,
+void int4_rows_parallel(const uint8_t* w, int64_t N, int64_t K, int64_t G, const float* x, const float* xsum,
                         int64_t M, const S* scale, const S* zero, float* y) {
   at::parallel_for(0, (N + R - 1) / R, 8, [&](int64_t b, int64_t e) {
     const char* start = (const char*)(w + b * R * K / 2);
@@ -256,7 +228,7 @@ void int4_rows_parallel(const uint8_t* w, int64_t N, int64_t K, int64_t G, const
 // Rows per tile, measured on 1.1B-shape matrices (2 cores): one token 2 rows (4: -4%, 8: -17%);
 // 8 tokens 1 row (2: -4%, 4: -15%, register spills).
 template <typename S>
-void int4_product(const uint8_t* w, int64_t N, int64_t K, int64_t G, const XT* x, const float* xsum,
+void int4_product(const uint8_t* w, int64_t N, int64_t K, int64_t G, const float* x, const float* xsum,
                   int64_t M, const S* scale, const S* zero, float* y) {
   if (M == 1) int4_rows_parallel<S, 2>(w, N, K, G, x, xsum, M, scale, zero, y);
   else int4_rows_parallel<S, 1>(w, N, K, G, x, xsum, M, scale, zero, y);
@@ -301,8 +273,7 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& weight, const at::
               "scales and zeros must be contiguous, of one dtype and of shape (", N, ", ", K / G, ")");
   at::Tensor xf = flat_input(x, K);
   const int64_t M = xf.size(0), groups = K / G;
-  // Per-group sums of x, and (bf16 build) x in bf16 for the products: plain loops, cheaper than
-  // ATen ops at one token.
+  // Per-group sums of x: a plain loop, cheaper than ATen ops at one token.
   at::Tensor xsum = at::empty({M, groups}, xf.options());  // (M, groups)
   const float* xin = xf.data_ptr<float>();
   float* xs_out = xsum.data_ptr<float>();
@@ -311,25 +282,16 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& weight, const at::
     for (int64_t k = 0; k < G; ++k) t += xin[i * G + k];
     xs_out[i] = t;
   }
-#if defined(LLAMA_AVX512_BF16)
-  at::Tensor xk = at::empty({M, K}, xf.options().dtype(at::kBFloat16));  // (M, K)
-  auto* xb = reinterpret_cast<uint16_t*>(xk.data_ptr<at::BFloat16>());
-  for (int64_t i = 0; i < M * K; i += 16)  // K % 64 == 0
-    _mm256_storeu_si256((__m256i*)(xb + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(xin + i)));
-#else
-  at::Tensor xk = xf;
-#endif
   at::Tensor y = at::empty({M, N}, xf.options());
   const uint8_t* w = weight.data_ptr<uint8_t>();
-  const XT* xp = xk.data_ptr<XT>();
   const float* xs = xsum.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   switch (scales.scalar_type()) {
-    case at::kFloat: int4_product(w, N, K, G, xp, xs, M, scales.data_ptr<float>(), zeros.data_ptr<float>(), yp); break;
+    case at::kFloat: int4_product(w, N, K, G, xin, xs, M, scales.data_ptr<float>(), zeros.data_ptr<float>(), yp); break;
     case at::kHalf:
-      int4_product(w, N, K, G, xp, xs, M, scales.data_ptr<at::Half>(), zeros.data_ptr<at::Half>(), yp); break;
+      int4_product(w, N, K, G, xin, xs, M, scales.data_ptr<at::Half>(), zeros.data_ptr<at::Half>(), yp); break;
     case at::kBFloat16:
-      int4_product(w, N, K, G, xp, xs, M, scales.data_ptr<at::BFloat16>(), zeros.data_ptr<at::BFloat16>(), yp); break;
+      int4_product(w, N, K, G, xin, xs, M, scales.data_ptr<at::BFloat16>(), zeros.data_ptr<at::BFloat16>(), yp); break;
     default: TORCH_CHECK(false, "unsupported scales dtype ", scales.scalar_type());
   }
   return shaped_output(y, x, N);
