@@ -7,9 +7,7 @@
 defaults to the tokenizer.model beside it.
 """
 
-import fire
-
-from llama import Dialog, Llama
+from llama import Dialog, flags
 from llama.chat import check_dialog
 from llama.parallel import rank
 
@@ -47,52 +45,30 @@ DEMO_DIALOGS: list[Dialog] = [
 ]
 
 
-def main(
-    ckpt_dir: str,
-    tokenizer_path: str | None = None,
-    temperature: float = 0.6,
-    top_p: float = 0.9,
-    max_seq_len: int = 512,
-    max_batch_size: int = 8,
-    max_gen_len: int | None = None,
-    device: str = "auto",
-    dtype: str = "auto",
-    quantize: str | None = None,
-    compile: bool = False,
-    memory_limit: str | None = None,
-    prompts: str | list[str] | None = None,
-    system_prompt: str | None = None,
-    seed: int = 1,
-    interactive: bool = False,
-):
-    """Print each dialog and the assistant's answer (Meta's demo dialogs unless --prompts is given).
+def parser() -> flags.Parser:
+    p = flags.Parser(description="Print each dialog and the assistant's answer (Meta's demo dialogs unless "
+                     "--prompts is given; each prompt becomes a one-turn dialog after --system_prompt). "
+                     "With --interactive, chat instead: answers stream as they are generated; /reset, /exit.")
+    flags.generation_flags(p)
+    p.add_argument("--prompts", action=flags.ListValue, help='one prompt, or a list: \'["a", "b"]\'')
+    p.add_argument("--system_prompt", help="a system message before each prompt")
+    p.add_argument("--interactive", action="store_true", help="chat in the terminal")
+    return p
 
-    Each of --prompts becomes a one-turn dialog, after --system_prompt if given. With
-    --interactive, chat instead: answers stream as they are generated; /reset, /exit.
-    """
-    generator = Llama.build(
-        ckpt_dir=ckpt_dir,
-        tokenizer_path=tokenizer_path,
-        max_seq_len=max_seq_len,
-        max_batch_size=max_batch_size,
-        seed=seed,
-        device=device,
-        dtype=dtype,
-        quantize=quantize,
-        compile=compile,
-        memory_limit=memory_limit,
-    )
-    if interactive:
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    generator, options = flags.start(args)
+    if args.interactive:
         from llama.interactive import chat_loop
 
-        chat_loop(generator, system_prompt, max_gen_len, temperature=temperature, top_p=top_p)
+        chat_loop(generator, args.system_prompt, **options)
         return
-    if prompts is None:
+    if args.prompts is None:
         dialogs = DEMO_DIALOGS
     else:
-        system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        items = prompts if isinstance(prompts, (list, tuple)) else [prompts]
-        dialogs = [system + [{"role": "user", "content": str(p)}] for p in items]
+        system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+        dialogs = [system + [{"role": "user", "content": p}] for p in args.prompts]
     errors = {}
     for i, dialog in enumerate(dialogs):
         try:
@@ -100,11 +76,7 @@ def main(
         except ValueError as e:
             errors[i] = f"Error: {e}"
     valid = [d for i, d in enumerate(dialogs) if i not in errors]
-    results = iter(
-        generator.chat_completion(valid, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
-        if valid
-        else []
-    )
+    results = iter(generator.chat_completion(valid, **options) if valid else [])
     if rank() != 0:
         return
     for i, dialog in enumerate(dialogs):
@@ -119,4 +91,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    flags.run(main)

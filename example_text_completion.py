@@ -9,9 +9,7 @@
 defaults to the tokenizer.model beside it.
 """
 
-import fire
-
-from llama import Llama
+from llama import flags
 from llama.parallel import rank
 
 DEMO_PROMPTS = [
@@ -33,54 +31,20 @@ DEMO_PROMPTS = [
 ]
 
 
-def as_list(value) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
+def parser() -> flags.Parser:
+    p = flags.Parser(description="Print a completion of each prompt (Meta's demo prompts unless --prompts is "
+                     "given). Flags are checked before anything loads.")
+    flags.generation_flags(p, max_seq_len=128, max_batch_size=4, max_gen_len=64)
+    p.add_argument("--prompts", action=flags.ListValue, help='one prompt, or a list: \'["a", "b"]\'')
+    p.add_argument("--stream", action="store_true", help="print each completion as it is generated")
+    return p
 
 
-def main(
-    ckpt_dir: str,
-    tokenizer_path: str | None = None,
-    temperature: float = 0.6,
-    top_p: float = 0.9,
-    max_seq_len: int = 128,
-    max_gen_len: int = 64,
-    max_batch_size: int = 4,
-    device: str = "auto",
-    dtype: str = "auto",
-    quantize: str | None = None,
-    compile: bool = False,
-    memory_limit: str | None = None,
-    prompts: str | list[str] | None = None,
-    stop_token_ids: int | list[int] | None = None,
-    seed: int = 1,
-    stop: str | list[str] | None = None,
-    stream: bool = False,
-):
-    """Print a completion of each prompt (Meta's demo prompts unless --prompts is given).
-
-    --prompts takes one string or a list ('["a", "b"]'); --stop_token_ids adds stop tokens
-    to EOS (stories models end a story with BOS: --stop_token_ids 1); --stop ends a completion
-    at a string. --quantize int8|int4, --compile and --memory_limit 12GB are passed to
-    Llama.build. --stream prints each completion as it is generated, one prompt at a time.
-    """
-    generator = Llama.build(
-        ckpt_dir=ckpt_dir,
-        tokenizer_path=tokenizer_path,
-        max_seq_len=max_seq_len,
-        max_batch_size=max_batch_size,
-        seed=seed,
-        device=device,
-        dtype=dtype,
-        quantize=quantize,
-        compile=compile,
-        memory_limit=memory_limit,
-    )
-    prompts = DEMO_PROMPTS if prompts is None else [str(p) for p in as_list(prompts)]
-    options = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, stop=stop,
-                   stop_token_ids=[int(t) for t in as_list(stop_token_ids)])
-    if stream:
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    generator, options = flags.start(args)
+    prompts = DEMO_PROMPTS if args.prompts is None else args.prompts
+    if args.stream:
         for prompt in prompts:
             pieces = generator.stream_text_completion(prompt, **options)
             if rank() == 0:
@@ -102,4 +66,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    flags.run(main)

@@ -6,6 +6,7 @@ none of them builds a module. Tensors come back memory-mapped where the format a
 loading never holds two copies of the weights.
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -73,6 +74,23 @@ def find_tokenizer(ckpt_path: str) -> str:
         if os.path.isfile(path):
             return path
     raise ValueError(f"there is no tokenizer.model beside {ckpt_path!r}; pass --tokenizer_path")
+
+
+def match_vocab(args: ModelArgs, state_dict: dict, tokenizer) -> ModelArgs:
+    """args with vocab_size filled in (from the embeddings, else the tokenizer); ValueError when
+    the tokenizer, params and weights disagree."""
+    weights = state_dict["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in state_dict else None
+    params = None if args.vocab_size == -1 else args.vocab_size
+    if params is not None and weights is not None and params != weights:
+        raise ValueError(f"the checkpoint's params give vocab_size={params} but its embeddings have "
+                         f"{weights} rows; the checkpoint is inconsistent")
+    size = params or weights or tokenizer.n_words
+    if tokenizer.n_words != size:
+        raise ValueError(
+            f"tokenizer {tokenizer.path!r} has {tokenizer.n_words} words but the checkpoint has a "
+            f"vocabulary of {size}; pass the tokenizer.model that came with this checkpoint as --tokenizer_path"
+        )
+    return dataclasses.replace(args, vocab_size=size)
 
 
 def read_params(ckpt_dir: str) -> ModelArgs:

@@ -43,6 +43,28 @@ def convert(src: str, dst: str, to: str = "meta", model_parallel_size: int = 1,
         tokenizer_path: tokenizer.model to copy beside the output; by default the one beside src.
         dtype: cast the weights ("float32", "float16", "bfloat16"); by default keep them.
     """
+    dtype = _check_request(dst, to, model_parallel_size, dtype)
+    source_format = detect_format(src)
+    if tokenizer_path is None:
+        try:
+            tokenizer_path = find_tokenizer(src)
+        except ValueError:
+            log.warning("no tokenizer.model beside %s; pass --tokenizer_path to copy one to the output", src)
+    elif not os.path.isfile(tokenizer_path):
+        raise FileNotFoundError(f"tokenizer {tokenizer_path!r} does not exist; check --tokenizer_path")
+    files = _write(src, dst, to, model_parallel_size, dtype, source_format)
+    folder = dst if os.path.isdir(dst) else os.path.dirname(os.path.abspath(dst))
+    if tokenizer_path is not None and os.path.exists(os.path.join(folder, "tokenizer.model")):
+        log.warning("left the tokenizer.model already in %s as it is", folder)
+    elif tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, os.path.join(folder, "tokenizer.model"))
+        files.append("tokenizer.model")
+    log.info("converted %s (%s) -> %s (%s): %s", src, source_format, dst, to, ", ".join(files))
+    return files
+
+
+def _check_request(dst: str, to: str, model_parallel_size: int, dtype: str | None) -> torch.dtype | None:
+    """The dtype to cast to; ValueError for a request that cannot be carried out."""
     if to not in FORMATS:
         raise ValueError(f"unknown output format {to!r}; pass --to meta, hf or llama2c")
     if to != "meta" and model_parallel_size != 1:
@@ -56,15 +78,12 @@ def convert(src: str, dst: str, to: str = "meta", model_parallel_size: int = 1,
         raise ValueError(f"output {dst!r} already exists; choose a new file name")
     if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
         raise ValueError(f"output {dst!r} already exists and is not an empty directory; choose a new --dst")
-    source_format = detect_format(src)
-    if tokenizer_path is None:
-        try:
-            tokenizer_path = find_tokenizer(src)
-        except ValueError:
-            log.warning("no tokenizer.model beside %s; pass --tokenizer_path to copy one to the output", src)
-    elif not os.path.isfile(tokenizer_path):
-        raise FileNotFoundError(f"tokenizer {tokenizer_path!r} does not exist; check --tokenizer_path")
+    return dtype
 
+
+def _write(src: str, dst: str, to: str, model_parallel_size: int, dtype: torch.dtype | None,
+           source_format: str) -> list[str]:
+    """Read src and write it to dst in format `to`; returns the files written."""
     args, state_dict = load_checkpoint(src, 0, model_parallel_size)
     if source_format == "meta":
         args.max_seq_len = LLAMA2_CONTEXT
@@ -85,13 +104,6 @@ def convert(src: str, dst: str, to: str = "meta", model_parallel_size: int = 1,
         else:
             os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
             files = [write_llama2c(args, state_dict, dst, progress=bar)]
-    folder = dst if os.path.isdir(dst) else os.path.dirname(os.path.abspath(dst))
-    if tokenizer_path is not None and os.path.exists(os.path.join(folder, "tokenizer.model")):
-        log.warning("left the tokenizer.model already in %s as it is", folder)
-    elif tokenizer_path is not None:
-        shutil.copyfile(tokenizer_path, os.path.join(folder, "tokenizer.model"))
-        files.append("tokenizer.model")
-    log.info("converted %s (%s) -> %s (%s): %s", src, source_format, dst, to, ", ".join(files))
     return files
 
 
@@ -108,19 +120,24 @@ def cast(state_dict: dict, dtype: torch.dtype | None) -> dict:
     return out
 
 
-def main(src: str, dst: str, to: str = "meta", model_parallel_size: int = 1,
-         tokenizer_path: str | None = None, dtype: str | None = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """Convert SRC (Meta or Hugging Face directory, llama2.c .bin) to DST in format --to (meta, hf or llama2c)."""
+    from llama import flags
+
+    p = flags.Parser(prog="python -m llama.convert", description=main.__doc__)
+    p.add_argument("src", help="a Meta or Hugging Face checkpoint directory, or a llama2.c .bin file")
+    p.add_argument("dst", help="the new directory (for --to llama2c, the new .bin file)")
+    p.add_argument("--to", default="meta", choices=FORMATS, help="the format to write (default: meta)")
+    p.add_argument("--model_parallel_size", type=int, default=1, help="shards to write with --to meta")
+    p.add_argument("--tokenizer_path", help="tokenizer.model to copy beside the result")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating weights to this dtype")
+    a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        files = convert(src, dst, to, model_parallel_size, tokenizer_path, dtype)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(f"wrote {', '.join(files)} to {dst}")
+    files = convert(a.src, a.dst, a.to, a.model_parallel_size, a.tokenizer_path, a.dtype)
+    print(f"wrote {', '.join(files)} to {a.dst}")
 
 
 if __name__ == "__main__":
-    import fire
+    from llama.flags import run
 
-    fire.Fire(main)
+    run(main)

@@ -1,7 +1,8 @@
 """Memory preflight: how much a build will take, and whether it fits, before loading anything.
 
-The estimate is arithmetic on ModelArgs (no weights needed):
-  weights   every tensor at its dtype or quantized size, divided among model-parallel ranks
+The estimate needs ModelArgs only (no weights):
+  weights   the tensors of the model as the build makes it (on the meta device: sharded for
+            model parallel, quantized), at the build's dtype
   KV cache  max_batch_size x max_seq_len x n_layers x 2 x kv_heads x head_dim x bytes
   working   activations of one prefill of max_batch_size x max_seq_len tokens, logits, the
             largest quantization temporary, and the runtime itself (PyTorch on CPU)
@@ -9,14 +10,18 @@ Print it from the shell with `python -m llama.memory --ckpt_dir DIR --max_seq_le
 """
 
 import dataclasses
+import functools
 import logging
 import os
 import re
+import sys
 
 import torch
 
-from llama.model import ModelArgs
-from llama.quantize import DEFAULT_GROUP_SIZE
+from llama.model import ModelArgs, Transformer
+from llama.parallel import shard_model
+from llama.quant import DEFAULT_GROUP_SIZE
+from llama.quant_layers import quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -65,28 +70,20 @@ def parse_size(limit: str | int | float) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def _linear_bytes(out_f: int, in_f: int, dtype_bytes: int, quantize: str | None, group_size: int) -> int:
-    if quantize == "int4" and in_f % group_size == 0:
-        return out_f * in_f // 2 + 2 * out_f * (in_f // group_size) * dtype_bytes
-    if quantize in ("int8", "int4"):
-        return out_f * in_f + out_f * dtype_bytes
-    return out_f * in_f * dtype_bytes
-
-
 def weight_bytes(args: ModelArgs, dtype: torch.dtype, quantize: str | None = None,
                  group_size: int = DEFAULT_GROUP_SIZE, world_size: int = 1) -> int:
-    """Bytes of one rank's weights (linears split across ranks, norms replicated)."""
+    """Bytes of one rank's weights: the model built on the meta device with the build's own
+    transforms (sharding, quantization), floating tensors counted at dtype."""
+    return _weight_bytes(dataclasses.astuple(args), dtype, quantize, group_size, world_size)
+
+
+@functools.lru_cache(maxsize=64)  # alternatives() asks for the same few builds many times
+def _weight_bytes(fields: tuple, dtype: torch.dtype, quantize: str | None, group_size: int, world_size: int) -> int:
+    args = ModelArgs(*fields)
+    with torch.device("meta"):
+        model = quantize_model(shard_model(Transformer(args), world_size), quantize, group_size, dtype)
     b = torch.finfo(dtype).bits // 8
-    mp = world_size
-    dim, hidden, kv = args.dim, args.ffn_hidden_dim, args.kv_heads * args.head_dim
-    linears = [(dim, dim), (kv, dim), (kv, dim), (dim, dim), (hidden, dim), (hidden, dim), (dim, hidden)]
-    # Column-parallel layers split their outputs, row-parallel ones (wo, w2) their inputs.
-    split = [(o // mp, i) for o, i in linears[:3]] + [(o, i // mp) for o, i in linears[3:4]]
-    split += [(o // mp, i) for o, i in linears[4:6]] + [(o, i // mp) for o, i in linears[6:]]
-    per_layer = sum(_linear_bytes(o, i, b, quantize, group_size) for o, i in split) + 2 * dim * b
-    embed = args.vocab_size * dim // mp * b
-    output = _linear_bytes(args.vocab_size // mp, dim, b, quantize, group_size)
-    return args.n_layers * per_layer + embed + output + dim * b
+    return sum(t.numel() * (b if t.is_floating_point() else t.element_size()) for t in model.state_dict().values())
 
 
 def estimate(args: ModelArgs, max_seq_len: int, max_batch_size: int, dtype: torch.dtype,
@@ -193,30 +190,40 @@ def preflight(args: ModelArgs, max_seq_len: int, max_batch_size: int, dtype: tor
     raise ValueError(f"this model needs about {est.describe()} but {source} is {fmt(limit)}{advice}")
 
 
-def main(ckpt_dir: str, max_seq_len: int = 2048, max_batch_size: int = 1, dtype: str = "auto",
-         quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE, model_parallel_size: int = 1,
-         vocab_size: int = 32000, device: str = "cpu", memory_limit: str | None = None) -> None:
-    """Print the memory a build would take, reading only params.json."""
-    from llama.checkpoint import read_params
+def main(argv: list[str] | None = None) -> None:
+    """Print the memory a build would take, reading only the checkpoint's shapes; exit 1 if it does not fit."""
+    from llama import flags
+    from llama.checkpoint import load_checkpoint
     from llama.device import resolve_device, resolve_dtype
+    from llama.options import REQUIRED, BuildOptions
+    from llama.quant import plan
 
-    args = read_params(ckpt_dir)
+    p = flags.Parser(prog="python -m llama.memory", description=main.__doc__)
+    flags.add_options(p, BuildOptions, ("ckpt_dir", "max_seq_len", "max_batch_size", "dtype", "quantize",
+                                        "group_size", "model_parallel_size", "device", "memory_limit"),
+                      ckpt_dir=REQUIRED, max_seq_len=2048, max_batch_size=1, device="cpu")
+    p.add_argument("--vocab_size", type=int, default=32000, help="when the checkpoint does not give it")
+    a = p.parse_args(argv)
+    args, state_dict = load_checkpoint(a.ckpt_dir)
     if args.vocab_size <= 0:
-        args.vocab_size = vocab_size
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev, weight_bytes(args, torch.float32) // 4)
-    est = estimate(args, max_seq_len, max_batch_size, dt, quantize, group_size, model_parallel_size, dev.type)
-    print(f"{ckpt_dir}: {est.describe()}")
-    limit, source = (parse_size(memory_limit), "memory_limit") if memory_limit else available_bytes(dev)
+        embed = state_dict.get("tok_embeddings.weight")
+        args.vocab_size = a.vocab_size if embed is None else embed.shape[0]
+    mode, group_size = plan(state_dict, a.quantize, a.group_size, a.ckpt_dir)
+    world = a.model_parallel_size or 1
+    dev = resolve_device(a.device)
+    dt = resolve_dtype(a.dtype, dev, weight_bytes(args, torch.float32) // 4)
+    est = estimate(args, a.max_seq_len, a.max_batch_size, dt, mode, group_size, world, dev.type)
+    print(f"{a.ckpt_dir}: {est.describe()}")
+    limit, source = (parse_size(a.memory_limit), "memory_limit") if a.memory_limit else available_bytes(dev)
     if limit:
-        verdict = "fits" if est.total <= limit else "does NOT fit"
-        print(f"{source}: {fmt(limit)} -> {verdict}")
+        print(f"{source}: {fmt(limit)} -> {'fits' if est.total <= limit else 'does NOT fit'}")
         if est.total > limit:
             print("settings that fit: " + ", ".join(alternatives(
-                args, max_seq_len, max_batch_size, dt, quantize, group_size, model_parallel_size, dev.type, limit)))
+                args, a.max_seq_len, a.max_batch_size, dt, mode, group_size, world, dev.type, limit)))
+            sys.exit(1)
 
 
 if __name__ == "__main__":
-    import fire
+    from llama.flags import run
 
-    fire.Fire(main)
+    run(main)

@@ -1,7 +1,9 @@
-"""The Llama 2 transformer: Meta's architecture and module names, pure PyTorch.
+"""The Llama transformer: Meta's architecture and module names, pure PyTorch math.
 
-No I/O, no printing and no device names: the model runs wherever its weights are.
-Runtime buffers (rotary tables, KV cache) are made by `setup_caches` on the weights' device.
+No I/O, no printing, no device names, and no knowledge of model parallelism or quantization:
+those are transforms applied to a constructed model (`llama.parallel.shard_model`,
+`llama.quant_layers.quantize_model`, `llama.prepare`). Runtime buffers (rotary tables, KV cache)
+are made by `setup_caches` on the weights' device.
 """
 
 import dataclasses
@@ -11,8 +13,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from llama import parallel
 
 
 @dataclass
@@ -132,20 +132,20 @@ def decode_attention(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        mp = parallel.model_parallel_size()
-        self.n_local_heads = args.n_heads // mp
-        self.n_local_kv_heads = args.kv_heads // mp
+        # Heads held by this module; llama.parallel.shard_model divides them among ranks.
+        self.n_local_heads = args.n_heads
+        self.n_local_kv_heads = args.kv_heads
         self.head_dim = args.head_dim
-        self.wq = parallel.column_linear(args.dim, args.n_heads * self.head_dim)
-        self.wk = parallel.column_linear(args.dim, args.kv_heads * self.head_dim)
-        self.wv = parallel.column_linear(args.dim, args.kv_heads * self.head_dim)
-        self.wo = parallel.row_linear(args.n_heads * self.head_dim, args.dim)
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.cache: KVCache | None = None
 
     def forward(self, x, pos, cos, sin, mask, kv_len):
         bsz, seqlen, _ = x.shape
-        xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)  # (b, s, heads, d)
+        xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (b, s, kv_heads, d)
         xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xq = apply_rotary_emb(xq, cos, sin)
         xk = apply_rotary_emb(xk, cos, sin)
@@ -167,9 +167,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.w1 = parallel.column_linear(dim, hidden_dim)
-        self.w2 = parallel.row_linear(hidden_dim, dim)
-        self.w3 = parallel.column_linear(dim, hidden_dim)
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -194,27 +194,18 @@ class Transformer(nn.Module):
         super().__init__()
         if params.vocab_size <= 0:
             raise ValueError(f"vocab_size is {params.vocab_size}; fill it from the tokenizer first")
-        mp = parallel.model_parallel_size()
-        if params.n_heads % mp or params.kv_heads % mp:
-            raise ValueError(
-                f"n_heads={params.n_heads} and n_kv_heads={params.kv_heads} must both be divisible "
-                f"by the model-parallel size {mp}; run with a different --nproc_per_node"
-            )
         self.params = params
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
-        self.tok_embeddings = parallel.embedding(params.vocab_size, params.dim)
+        self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim)
         self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
-        self.output = parallel.column_linear(params.dim, params.vocab_size, gather_output=True)
+        self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
         self.max_batch_size = 0
         self.max_seq_len = 0
-        # With static_kv, every step attends over the whole cache (masked), so a decode step
-        # has the same shapes at every position: what torch.compile needs to compile it once.
-        self.static_kv = False
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int) -> None:
-        """(Re)allocate the KV cache and rotary tables on the device and dtype of the weights."""
+        """(Re)allocate the KV cache and rotary tables on the device and dtype of the embeddings."""
         weight = self.tok_embeddings.weight
         p = self.params
         self.register_buffer(
@@ -228,53 +219,48 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0,
                 logits_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (float32) for tokens (b, s) placed at start_pos (an int, or one per row).
+        """Logits (float32) for tokens (b, s) placed at start_pos (an int, or a (b,) tensor: one per row).
 
         With logits_pos (b,), only the logits at that position of each row: (b, 1, vocab).
         """
         bsz, seqlen = tokens.shape
-        if self.static_kv:
-            return self._forward_static(tokens, start_pos, logits_pos)
-        if isinstance(start_pos, torch.Tensor):
-            lo, hi = start_pos.aminmax()
-            lo, hi = int(lo), int(hi)
-            if lo == hi:  # every row at the same position: the cheaper int path below
-                start_pos = lo
-        if isinstance(start_pos, torch.Tensor):
-            pos = start_pos.view(bsz, 1) + torch.arange(seqlen, device=tokens.device)  # (b, s)
-            kv_len = hi + seqlen
-            cos, sin = self.rope[:, pos].unsqueeze(3)  # (2, b, s, 1, d)
-        else:
-            pos = start_pos
-            kv_len = start_pos + seqlen
-            cos, sin = self.rope[:, start_pos:kv_len, None]  # (2, s, 1, d)
+        pos, kv_len, mask = self._span(start_pos, bsz, seqlen, tokens.device)
         assert bsz <= self.max_batch_size and kv_len <= self.max_seq_len, "setup_caches too small"
-        mask = None
-        if seqlen > 1 or isinstance(pos, torch.Tensor):
-            keys = torch.arange(kv_len, device=tokens.device)
-            if isinstance(pos, int):
-                mask = keys <= (pos + torch.arange(seqlen, device=tokens.device)).unsqueeze(-1)  # (s, kv_len)
-            else:
-                mask = (keys <= pos.unsqueeze(-1)).unsqueeze(1)  # (b, 1, s, kv_len)
-        return self._layers(tokens, pos, cos, sin, mask, kv_len, logits_pos)
-
-    def _forward_static(self, tokens, start_pos, logits_pos):
-        bsz, seqlen = tokens.shape
-        offsets = torch.arange(seqlen, device=tokens.device)
-        if isinstance(start_pos, torch.Tensor):
-            pos = start_pos.view(bsz, 1) + offsets  # (b, s)
+        if isinstance(pos, int):
+            cos, sin = self.rope[:, pos : pos + seqlen, None]  # (2, s, 1, d)
         else:
-            pos = (start_pos + offsets).expand(bsz, seqlen)  # (b, s)
-        cos, sin = self.rope[:, pos].unsqueeze(3)  # (2, b, s, 1, d)
-        keys = torch.arange(self.max_seq_len, device=tokens.device)
-        mask = (keys <= pos.unsqueeze(-1)).unsqueeze(1)  # (b, 1, s, max_seq_len)
-        return self._layers(tokens, pos, cos, sin, mask, self.max_seq_len, logits_pos)
-
-    def _layers(self, tokens, pos, cos, sin, mask, kv_len, logits_pos):
-        bsz = tokens.shape[0]
-        h = self.tok_embeddings(tokens)
+            cos, sin = self.rope[:, pos].unsqueeze(3)  # (2, b, s, 1, d)
+        h = self.tok_embeddings(tokens)  # (b, s, dim)
         for layer in self.layers:
             h = layer(h, pos, cos, sin, mask, kv_len)
         if logits_pos is not None:
             h = h[torch.arange(bsz, device=h.device), logits_pos].unsqueeze(1)  # (b, 1, dim)
         return self.output(self.norm(h)).float()
+
+    def _span(self, start_pos, bsz: int, seqlen: int, device):
+        """(positions, cache length attended, mask) for a call.
+
+        Rows at one position get an int position and a causal mask (none for one token). Rows at
+        different positions get (b, s) positions and a per-row mask. Under torch.compile every
+        call attends over the whole cache, masked, so a decode step has the same shapes at every
+        position and compiles once.
+        """
+        compiling = torch.compiler.is_compiling()
+        if isinstance(start_pos, torch.Tensor) and not compiling:
+            lo, hi = (int(v) for v in start_pos.aminmax())
+            if lo == hi:  # every row at the same position: the cheaper int path
+                start_pos = lo
+        if isinstance(start_pos, int) and not compiling:
+            kv_len = start_pos + seqlen
+            if seqlen == 1:
+                return start_pos, kv_len, None
+            offsets = start_pos + torch.arange(seqlen, device=device)
+            return start_pos, kv_len, torch.arange(kv_len, device=device) <= offsets.unsqueeze(-1)  # (s, kv_len)
+        offsets = torch.arange(seqlen, device=device)
+        if isinstance(start_pos, torch.Tensor):
+            pos = start_pos.view(bsz, 1) + offsets  # (b, s)
+        else:
+            pos = (start_pos + offsets).expand(bsz, seqlen)  # (b, s)
+        kv_len = self.max_seq_len if compiling else hi + seqlen
+        mask = (torch.arange(kv_len, device=device) <= pos.unsqueeze(-1)).unsqueeze(1)  # (b, 1, s, kv_len)
+        return pos, kv_len, mask

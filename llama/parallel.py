@@ -1,8 +1,10 @@
-"""torchrun environment, process group, and the layer factories the model is built from.
+"""Model parallelism: the torchrun environment, the process group, and the tensor-parallel transform.
 
-With one process nothing here touches torch.distributed or fairscale, and the factories
-return plain `nn.Linear` / `nn.Embedding`. With several, they return fairscale's
-model-parallel layers. The `.weight` keys are the same either way.
+The model is built whole, of plain `nn.Linear` / `nn.Embedding` layers. `shard_model` shrinks
+the split layers to one rank's slice (before loading) and `add_collectives` hooks fairscale's
+collectives onto them (after every other transform). SHARD_DIM is the one table of which weight
+splits along which dimension: the checkpoint readers, resharding and the memory estimate use it
+too. With one process nothing here touches torch.distributed or fairscale.
 """
 
 import atexit
@@ -95,67 +97,69 @@ def _destroy_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
-def _fairscale_layer(cls, weight_shape: tuple[int, ...], **attrs) -> nn.Module:
-    """An instance of a fairscale layer without its eager full-size init (which breaks on meta)."""
-    layer = cls.__new__(cls)
-    nn.Module.__init__(layer)
-    for name, value in attrs.items():
-        setattr(layer, name, value)
-    layer.weight = nn.Parameter(torch.empty(weight_shape), requires_grad=False)
-    layer.register_parameter("bias", None)
-    return layer
+def check_split(n_heads: int, n_kv_heads: int, world_size: int) -> None:
+    """Raise ValueError when the heads cannot be split over world_size ranks."""
+    if n_heads % world_size or n_kv_heads % world_size:
+        sizes = [m for m in range(1, n_kv_heads + 1) if n_kv_heads % m == 0 and n_heads % m == 0]
+        raise ValueError(
+            f"n_heads={n_heads} and n_kv_heads={n_kv_heads} must be divisible by the "
+            f"model-parallel size {world_size}; run with --nproc_per_node "
+            f"(or convert --model_parallel_size) among {sizes}"
+        )
 
 
-def column_linear(in_features: int, out_features: int, gather_output: bool = False) -> nn.Module:
-    """y = x W^T with W split by output rows across ranks."""
-    mp = model_parallel_size()
-    if mp == 1:
-        return nn.Linear(in_features, out_features, bias=False)
-    from fairscale.nn.model_parallel.layers import ColumnParallelLinear
+def shard_model(model: nn.Module, world_size: int) -> nn.Module:
+    """Give every layer of SHARD_DIM its slice's shape for one of world_size ranks (in place).
 
-    return _fairscale_layer(
-        ColumnParallelLinear,
-        (out_features // mp, in_features),
-        in_features=in_features,
-        out_features=out_features,
-        gather_output=gather_output,
-        output_size_per_partition=out_features // mp,
-    )
-
-
-def row_linear(in_features: int, out_features: int) -> nn.Module:
-    """y = x W^T with W split by input columns; outputs are summed across ranks."""
-    mp = model_parallel_size()
-    if mp == 1:
-        return nn.Linear(in_features, out_features, bias=False)
-    from fairscale.nn.model_parallel.layers import RowParallelLinear
-
-    return _fairscale_layer(
-        RowParallelLinear,
-        (out_features, in_features // mp),
-        in_features=in_features,
-        out_features=out_features,
-        input_is_parallel=True,
-        input_size_per_partition=in_features // mp,
-    )
+    Linear and embedding layers are replaced by smaller ones of the same kind on the same device
+    (use it on the meta device, before loading); attention modules keep their local head counts.
+    """
+    if world_size == 1:
+        return model
+    args = model.params
+    check_split(args.n_heads, args.kv_heads, world_size)
+    for module in list(model.modules()):
+        if hasattr(module, "n_local_heads"):
+            module.n_local_heads //= world_size
+            module.n_local_kv_heads //= world_size
+        for name, child in list(module.named_children()):
+            dim = SHARD_DIM.get(name)
+            if dim is not None:
+                setattr(module, name, _smaller(child, dim, world_size))
+    return model
 
 
-def embedding(num_embeddings: int, embedding_dim: int) -> nn.Module:
-    """Token embedding, split along the embedding dimension across ranks."""
-    mp = model_parallel_size()
-    if mp == 1:
-        return nn.Embedding(num_embeddings, embedding_dim)
-    from fairscale.nn.model_parallel.layers import ParallelEmbedding
+def _smaller(layer: nn.Module, dim: int, world_size: int) -> nn.Module:
+    shape = list(layer.weight.shape)
+    shape[dim] //= world_size
+    device = layer.weight.device
+    if isinstance(layer, nn.Embedding):
+        return nn.Embedding(*shape, device=device)
+    return nn.Linear(shape[1], shape[0], bias=False, device=device)  # weight (out, in)
 
-    return _fairscale_layer(
-        ParallelEmbedding,
-        (num_embeddings, embedding_dim // mp),
-        num_embeddings=num_embeddings,
-        embedding_dim=embedding_dim,
-        padding_idx=None,
-        max_norm=None,
-        norm_type=2.0,
-        scale_grad_by_freq=False,
-        sparse=False,
-        embedding_dim_per_partition=embedding_dim // mp,
-    )
+
+def add_collectives(model: nn.Module) -> nn.Module:
+    """Add fairscale's collectives to a sharded model (in place; after every module swap).
+
+    Outputs of layers split by input columns (`wo`, `w2`) are summed over ranks; the outputs of
+    the embedding (split by dimension) and of the output layer (split by vocabulary) are
+    gathered. Other column-split layers need nothing in inference: their inputs are whole on
+    every rank and their outputs stay split. A no-op with one process.
+    """
+    if model_parallel_size() == 1:
+        return model
+    from fairscale.nn.model_parallel import mappings
+
+    def reduce(module, inputs, output):
+        return mappings.reduce_from_model_parallel_region(output)
+
+    def gather(module, inputs, output):
+        return mappings.gather_from_model_parallel_region(output)
+
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if name in ("wo", "w2"):
+                child.register_forward_hook(reduce)
+            elif name in ("tok_embeddings", "output"):
+                child.register_forward_hook(gather)
+    return model

@@ -14,6 +14,7 @@ class Tokenizer:
     def __init__(self, model_path: str):
         if not os.path.isfile(model_path):
             raise FileNotFoundError(f"tokenizer file {model_path!r} not found; pass --tokenizer_path")
+        self.path = model_path
         self.sp_model = SentencePieceProcessor()
         try:
             self.sp_model.Load(model_path)

@@ -80,5 +80,8 @@ def test_chat_completion_result_shape(stories):
                                     {"role": "user", "content": "Once upon a time"}]],
                                   max_gen_len=8, temperature=0, logprobs=True)
     assert out[0]["generation"]["role"] == "assistant"
-    assert isinstance(out[0]["generation"]["content"], str)
-    assert len(out[0]["logprobs"]) == len(out[0]["tokens"]) <= 8
+    content = out[0]["generation"]["content"]
+    assert isinstance(content, str) and content.strip()
+    assert 0 < len(out[0]["logprobs"]) == len(out[0]["tokens"]) <= 8
+    assert "".join(out[0]["tokens"]).strip() == content.strip()
+    assert all(lp <= 0 for lp in out[0]["logprobs"])

@@ -32,9 +32,8 @@ def test_help_lists_subcommands(installed):
     script, env = installed
     proc = run([script, "--help"], env)
     assert proc.returncode == 0, proc.stderr
-    shown = proc.stdout + proc.stderr  # fire writes help to stderr when it is not a terminal
-    for name in SUBCOMMANDS:
-        assert f"\n     {name}\n" in shown
+    for name in SUBCOMMANDS + ["convert"]:
+        assert f"\n    {name} " in proc.stdout, proc.stdout
 
 
 @pytest.mark.parametrize("name", SUBCOMMANDS)
@@ -42,8 +41,7 @@ def test_subcommand_help(installed, name):
     script, env = installed
     proc = run([script, name, "--help"], env)
     assert proc.returncode == 0, proc.stderr
-    shown = proc.stdout + proc.stderr
-    assert f"llama {name}" in shown and "--log_level" in shown
+    assert proc.stdout.startswith(f"usage: llama {name}") and "--log_level" in proc.stdout
 
 
 def test_complete_streams_reference_text(installed, reference_text):
@@ -66,12 +64,11 @@ def test_optional_commands_are_delegated(tmp_path, monkeypatch, capsys):
     from llama import cli
 
     (tmp_path / "fake_convert.py").write_text(
-        "import fire\n\ndef main(src: str, size: int = 1):\n    print('converted', src, size)\n\n"
-        "if __name__ == '__main__':\n    fire.Fire(main)\n")
+        "import sys\n\nif __name__ == '__main__':\n    print('converted', *sys.argv[1:])\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(cli, "OPTIONAL_COMMANDS", {"convert": "fake_convert", "bench": "no_such_module"})
     monkeypatch.setattr(sys, "argv", ["llama"])
     cli.main(["convert", "model_dir", "--size", "2"])
-    assert capsys.readouterr().out == "converted model_dir 2\n"
+    assert capsys.readouterr().out == "converted model_dir --size 2\n"
     with pytest.raises(SystemExit, match="llama bench is not available"):
         cli.main(["bench"])

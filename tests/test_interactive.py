@@ -61,7 +61,8 @@ def test_session_reset_and_system_prompt_kept(stories):
     session = ChatSession(stories, "Be brief.", max_gen_len=8, temperature=0)
     session.reserve = 400  # room kept for an answer: the dialog must fit 112 tokens
     for i in range(4):
-        "".join(session.ask(f"Tell me about the number {i} and a big red ball in the park"))
+        answer = "".join(session.ask(f"Tell me about the number {i} and a big red ball in the park"))
+        assert answer.strip() and session.history[-1] == {"role": "assistant", "content": answer}
         dialog, tokens = session.fit("next")
         assert dialog[0] == {"role": "system", "content": "Be brief."}
         assert len(tokens) + 400 <= 512 or len(dialog) == 2

@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from llama import kernels
-from llama import quantize as Q
+from llama import cpu_layers
+from llama import quant as Q
+from llama.prepare import prepare_for_device
+from llama.quant_layers import Int4Linear, Int8Linear
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Shapes with row and column counts that are not multiples of the vector width or row tile.
@@ -63,9 +66,16 @@ def _check_int4(tokens, n, k, group_size):
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("tokens", [1, 3, 4, 6])
 def test_int4_kernel_equals_dequantized_product(tokens, group_size):
-    for n, k in [(37, 128), (130, 2048), (64, 768), (8, 64)]:
-        if kernels.int4_group_ok(k, group_size):
-            _check_int4(tokens, n, k, group_size)
+    # Widths the kernel takes: multiples of its 64-value block and of the group.
+    shapes = [(37, 128), (130, 2048), (8, 256)] + ([(64, 768)] if group_size != 128 else [(64, 896)])
+    for n, k in shapes:
+        assert kernels.int4_group_ok(k, group_size)
+        _check_int4(tokens, n, k, group_size)
+
+
+def test_int4_kernel_refuses_widths_it_cannot_take():
+    assert not kernels.int4_group_ok(96, 32)  # not a whole number of 64-value blocks
+    assert not kernels.int4_group_ok(768, 96)  # a group that is neither 32 nor whole blocks
 
 
 def test_pack_int4_layout():
@@ -100,19 +110,17 @@ def test_layers_use_the_kernels_and_match_the_fallback():
     w = torch.randn(96, 256, generator=g)
     x = torch.randn(1, 2, 256, generator=g)
 
-    int8 = Q.Int8Linear(256, 96)
+    int8 = Int8Linear(256, 96)
     int8.weight, int8.scales = Q.quantize_int8(w)
-    ref8 = int8(x)
-    int8.use_kernel()
-    assert int8.kernel
-    torch.testing.assert_close(int8(x), ref8, rtol=1e-5, atol=1e-5)
+    fast8 = cpu_layers.cpu_layer(int8)
+    assert isinstance(fast8, cpu_layers.KernelInt8Linear)
+    torch.testing.assert_close(fast8(x), int8(x), rtol=1e-5, atol=1e-5)
 
-    int4 = Q.Int4Linear(256, 72, 64)  # 72 rows: not PyTorch's blocks of 64, so llama.kernels
+    int4 = Int4Linear(256, 72, 64)  # 72 rows: not PyTorch's blocks of 64, so llama.kernels
     int4.weight, int4.scales, int4.zeros = Q.quantize_int4(w[:72], 64)
-    ref4 = int4(x)
-    int4.to_kernel_layout()
-    assert int4.kernel_layout == "llama"
-    torch.testing.assert_close(int4(x), ref4, rtol=1e-5, atol=1e-4)
+    fast4 = cpu_layers.cpu_layer(int4)
+    assert isinstance(fast4, cpu_layers.KernelInt4Linear)
+    torch.testing.assert_close(fast4(x), int4(x), rtol=1e-5, atol=1e-4)
 
     class Block(torch.nn.Module):
         def __init__(self):
@@ -121,11 +129,11 @@ def test_layers_use_the_kernels_and_match_the_fallback():
 
     block = Block()
     ref = F.linear(x.bfloat16().float(), block.wq.weight.float())
-    Q.prepare_for_device(block)
-    assert isinstance(block.wq, Q.HalfLinear)
+    prepare_for_device(block)
+    assert isinstance(block.wq, cpu_layers.HalfLinear)
     torch.testing.assert_close(block.wq(x.bfloat16()).float(), ref, rtol=1e-2, atol=1e-2)
     assert list(block.state_dict()) == ["wq.weight"]  # Meta's key, unchanged
-    long = torch.randn(1, Q.HalfLinear.KERNEL_MAX_TOKENS + 1, 256).bfloat16()  # prefill: F.linear
+    long = torch.randn(1, cpu_layers.HalfLinear.KERNEL_MAX_TOKENS + 1, 256).bfloat16()  # prefill: F.linear
     torch.testing.assert_close(block.wq(long).float(), F.linear(long.float(), block.wq.weight.float()),
                                rtol=1e-2, atol=1e-2)
 

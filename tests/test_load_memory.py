@@ -56,6 +56,5 @@ def test_fp16_build_peak_rss_below_one_and_a_half_checkpoints(tmp_path, llama2_t
     run_extra = (m["run_peak_kb"] - m["before_kb"]) * 1024
     print(f"checkpoint {size / 2**20:.0f} MiB; build +{build_extra / 2**20:.0f} MiB; "
           f"build and 4 tokens +{run_extra / 2**20:.0f} MiB")
-    assert size > 200 * 2**20
     assert build_extra < 1.5 * size
     assert run_extra < 1.5 * size  # every weight page touched by now

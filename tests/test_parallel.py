@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from conftest import REPO, models_path
+from conftest import FP32_ORDER, REPO, models_path
 
 
 def free_port() -> int:
@@ -26,7 +26,7 @@ def test_torchrun_two_ranks_equal_one_process(torchrun_results, stories_tokenize
         assert len(two["tokens"]) == 200
         assert two["tokens"] == one["tokens"]
         assert two["text"] == one["text"] == reference_text
-        torch.testing.assert_close(two["logits"], one["logits"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(two["logits"], one["logits"], **FP32_ORDER)
 
 
 def test_torchrun_example_cli_prints_only_on_rank_0(stories_tokenizer, reference_text):
@@ -43,10 +43,12 @@ def test_torchrun_example_cli_prints_only_on_rank_0(stories_tokenizer, reference
 
 def test_torchrun_two_ranks_quantize_their_own_shards(tmp_path, stories_tokenizer):
     """int8 under model parallel: each rank quantizes its shard. Column-parallel shards get the
-    scales of one process; row-parallel shards get finer ones, so the logits differ slightly."""
+    scales of one process; row-parallel shards get finer ones (a scale per half row), so the
+    logits differ from one process's int8, but are no further from the float model's."""
     sys.path.insert(0, str(REPO / "tests"))
     from mp_worker import run
 
+    exact = run(models_path("stories260K-meta"), stories_tokenizer)
     one = run(models_path("stories260K-meta"), stories_tokenizer, "int8")
     spec = models_path("stories260K-meta-mp2") + "#int8"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -56,4 +58,9 @@ def test_torchrun_two_ranks_quantize_their_own_shards(tmp_path, stories_tokenize
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = torch.load(tmp_path / "q.pt", weights_only=True)[spec]
     assert two["tokens"][:50] == one["tokens"][:50]
-    torch.testing.assert_close(two["logits"][:50], one["logits"][:50], atol=0.25, rtol=0.05)
+    # Logits of one sequence (the one-process int8 tokens) compared: finer scales err no more
+    # than one-process int8 does, up to the noise of which weights happen to round which way.
+    reference = exact["logits"][:50]
+    err_one = (one["logits"][:50] - reference).norm()
+    err_two = (two["logits"][:50] - reference).norm()
+    assert err_two <= 1.25 * err_one, (err_two, err_one)

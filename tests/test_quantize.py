@@ -6,7 +6,10 @@ import torch.nn.functional as F
 
 from conftest import models_path
 from llama import Llama
-from llama import quantize as Q
+from llama import quant as Q
+from llama.cpu_layers import AtenInt4Linear, KernelInt8Linear, cpu_layer
+from llama.quant_layers import Int4Linear, Int8Linear
+from llama.quantize import save_quantized
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +42,14 @@ def test_int4_pack_round_trip():
 
 
 def _int8_layer(w, dtype):
-    layer = Q.Int8Linear(w.shape[1], w.shape[0], dtype)
+    layer = Int8Linear(w.shape[1], w.shape[0], dtype)
     q, s = Q.quantize_int8(w)
     layer.weight, layer.scales = q, s.to(dtype)
     return layer
 
 
 def _int4_layer(w, group_size, dtype):
-    layer = Q.Int4Linear(w.shape[1], w.shape[0], group_size, dtype)
+    layer = Int4Linear(w.shape[1], w.shape[0], group_size, dtype)
     layer.weight, s, z = Q.quantize_int4(w, group_size)
     layer.scales, layer.zeros = s.to(dtype), z.to(dtype)
     return layer
@@ -71,10 +74,10 @@ def test_int4_linear_close_to_float_and_kernel_equals_reference(weight, dtype):
     layer = _int4_layer(weight, 32, dtype)
     y = layer(x.to(dtype)).float()
     assert (y - ref).norm() / ref.norm() < 0.10
-    layer.to_kernel_layout()
-    if layer.kernel_layout:
-        yk = layer(x.to(dtype)).float()
-        assert (yk - y).norm() / y.norm() < 0.01
+    fast = cpu_layer(layer)  # 128 rows, groups of 32: PyTorch's int4 kernel takes it
+    assert isinstance(fast, AtenInt4Linear)
+    yk = fast(x.to(dtype)).float()
+    assert (yk - y).norm() / y.norm() < 0.01
 
 
 def test_bad_mode_and_group_size():
@@ -109,12 +112,17 @@ def int8():
     return _build(dtype="float32", quantize="int8")
 
 
-def test_perplexity_int8_within_1_percent_int4_within_5(fp32, int8, reference_text):
+def test_perplexity_rises_little_and_less_with_finer_scales(fp32, int8, reference_text):
+    """Perplexity on the reference story rises, measured, 0.33% with int8, 3.7% with int4 in groups
+    of 32 and 5.4% in groups of 64 (stories260K's rows are 64 wide: one group per row). Bounds:
+    twice the measured rise, and finer groups never worse than coarser ones."""
     base = _perplexity(fp32, reference_text)
-    assert _perplexity(int8, reference_text) / base - 1 < 0.01
-    # stories260K's rows are 64 wide: groups of 32 (the default 64 is one group per row: +5.4%).
-    int4 = _build(dtype="float32", quantize="int4", group_size=32)
-    assert _perplexity(int4, reference_text) / base - 1 < 0.05
+    rise8 = _perplexity(int8, reference_text) / base - 1
+    rise32 = _perplexity(_build(dtype="float32", quantize="int4", group_size=32), reference_text) / base - 1
+    rise64 = _perplexity(_build(dtype="float32", quantize="int4", group_size=64), reference_text) / base - 1
+    assert rise8 < 2 * 0.0033
+    assert rise32 < 2 * 0.037 and rise64 < 2 * 0.054
+    assert rise8 < rise32 < rise64
 
 
 def test_int8_greedy_matches_reference_for_50_tokens(fp32, int8):
@@ -125,7 +133,7 @@ def test_int8_greedy_matches_reference_for_50_tokens(fp32, int8):
 
 def test_quantized_layers_and_keys(int8):
     attn = int8.model.layers[0].attention
-    assert isinstance(attn.wq, Q.Int8Linear) and attn.wq.weight.dtype == torch.int8
+    assert isinstance(attn.wq, KernelInt8Linear) and attn.wq.weight.dtype == torch.int8  # kernels build here
     keys = int8.model.state_dict().keys()
     assert {"layers.0.attention.wq.weight", "layers.0.attention.wq.scales", "output.scales"} <= keys
     assert int8.model.tok_embeddings.weight.dtype == torch.float32
@@ -134,7 +142,7 @@ def test_quantized_layers_and_keys(int8):
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_save_and_load_quantized_checkpoint(tmp_path, mode):
     out = str(tmp_path / mode)
-    Q.save_quantized(models_path("stories260K-meta"), out, mode, dtype="float32")
+    save_quantized(models_path("stories260K-meta"), out, mode, dtype="float32")
     saved = torch.load(f"{out}/consolidated.00.pth", weights_only=True)
     assert saved["layers.0.feed_forward.w1.weight"].dtype == (torch.int8 if mode == "int8" else torch.uint8)
     loaded = Llama.build(out, models_path("stories260K", "tok512.model"), max_seq_len=64,
@@ -150,7 +158,6 @@ def test_save_and_load_quantized_checkpoint(tmp_path, mode):
 
 def test_quantized_checkpoint_under_model_parallel_is_refused(tmp_path):
     from llama.checkpoint import load_checkpoint
-    from llama.quantize import save_quantized
 
     save_quantized(models_path("stories260K-meta"), str(tmp_path / "q"), "int8")
     _, sd = load_checkpoint(str(tmp_path / "q"), 0, 1)

@@ -5,7 +5,7 @@ import struct
 import torch
 
 from llama.model import ModelArgs
-from llama.parallel import shard_dim
+from llama.parallel import check_split, shard_dim
 
 ZIP_MAGIC = b"PK\x03\x04"
 
@@ -32,13 +32,7 @@ def _unreadable(path: str, e: Exception) -> ValueError:
 
 def check_parallel_split(args: ModelArgs, world_size: int) -> None:
     """Raise ValueError when the heads cannot be split over world_size ranks."""
-    if args.n_heads % world_size or args.kv_heads % world_size:
-        sizes = [m for m in range(1, args.kv_heads + 1) if args.kv_heads % m == 0 and args.n_heads % m == 0]
-        raise ValueError(
-            f"n_heads={args.n_heads} and n_kv_heads={args.kv_heads} must be divisible by the "
-            f"model-parallel size {world_size}; run with --nproc_per_node "
-            f"(or convert --model_parallel_size) among {sizes}"
-        )
+    check_split(args.n_heads, args.kv_heads, world_size)
 
 
 def shard(key: str, tensor: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
