@@ -11,6 +11,7 @@ limit it sets: bandwidth / bytes of weights streamed per token.
     python benchmarks/bench.py --models 7B --variants fp16,int8,int4 --batch8 False
 """
 
+import argparse
 import json
 import logging
 import math
@@ -30,7 +31,7 @@ sys.path.insert(0, REPO)
 
 from llama.memory import estimate, weight_bytes  # noqa: E402
 from llama.model import ModelArgs  # noqa: E402
-from llama.quantize import DEFAULT_GROUP_SIZE  # noqa: E402
+from llama.quant import DEFAULT_GROUP_SIZE  # noqa: E402
 
 MODELS_DIR = os.environ.get("LLAMA_MODELS", os.path.join(os.path.dirname(REPO), "shared", "models"))
 # Meta params.json of each shape (vocab 32000: the Llama 2 tokenizer).
@@ -191,9 +192,8 @@ def streamed_bytes(args: ModelArgs, dtype: torch.dtype, quantize: str | None, gr
 # ---------------------------------------------------------------------------- main
 
 
-def _names(value) -> list[str]:
-    """fire passes "a,b" as a tuple and "a" as a string."""
-    return list(value) if isinstance(value, (tuple, list)) else str(value).split(",")
+def _names(value: str) -> list[str]:
+    return [v for v in value.split(",") if v]
 
 
 def log(msg: str) -> None:
@@ -280,8 +280,22 @@ def format_table(rows, bw: float, threads: int, load_start: str) -> str:
     return "\n".join(lines + [format_row(r) for r in rows])
 
 
+def parse(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=",".join(ALL_MODELS[:-1]), help=f"comma-separated, of {ALL_MODELS}")
+    p.add_argument("--variants", default="fp32,fp16,bf16,int8,int4",
+                   help=f"comma-separated, of {sorted(VARIANTS)}, each optionally +compile")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompt_len", type=int, default=32)
+    p.add_argument("--gen", type=int, default=64, help="tokens decoded per timed run")
+    p.add_argument("--batch8", type=lambda v: v.strip().lower() not in ("false", "0", "no"), default=True,
+                   help="also time batch 8 (True/False)")
+    p.add_argument("--tmp", help="folder for the random checkpoints, kept (reused by later runs)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary checkpoints")
+    p.add_argument("--out", help="also write the table (with the command) to this file")
+    return vars(p.parse_args(argv))
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
-    import fire
-
-    fire.Fire(main)
+    main(**parse())

@@ -92,6 +92,7 @@ def parser() -> flags.Parser:
             commands.add_parser(name, help=f"same as python -m {module_name}; see: llama {name} --help",
                                 add_help=False)
     flags.add_logging(commands.choices["download"])
+    top.commands = commands.choices
     return top
 
 
@@ -107,8 +108,12 @@ def _main(argv: list[str]) -> None:
         if importlib.util.find_spec(module_name) is None:
             sys.exit(f"llama {argv[0]} is not available in this install ({module_name} is missing)")
         return _delegate(module_name, argv[1:], f"llama {argv[0]}")
-    args = parser().parse_args(argv)
-    if args.command == "download":
+    top = parser()
+    if argv and argv[0] in top.commands:  # the subcommand's own parser names its own flags in errors
+        args = top.commands[argv[0]].parse_args(argv[1:])
+    else:
+        args = top.parse_args(argv)  # help, or a usage error
+    if argv[0] == "download":
         flags.setup_logging(args.log_level)
     args.run(args)
 

@@ -25,7 +25,11 @@ USER_ERRORS = (ValueError, TypeError, OSError, FloatingPointError)
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with "did you mean" for a misspelled flag."""
+    """argparse with "did you mean" for a misspelled flag, and no abbreviated flags (a prefix such as
+    --max_gen would otherwise be taken silently for --max_gen_len)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str):
         flags = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
@@ -35,7 +39,7 @@ class Parser(argparse.ArgumentParser):
                     for m in difflib.get_close_matches(w.split("=")[0], flags, n=1)]
             if near:
                 message += f" (did you mean {', '.join(near)}?)"
-        self.exit(2, f"{self.prog}: error: {message}\n  valid flags: {' '.join(sorted(flags))}\n")
+        self.exit(2, f"{self.format_usage()}{self.prog}: error: {message}\n  valid flags: {' '.join(sorted(flags))}\n")
 
 
 class ListValue(argparse.Action):

@@ -79,11 +79,11 @@ class GenerationOptions:
             _check_int(self, "max_gen_len", 0)
         if self.seed is not None:
             _check_int(self, "seed")
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
-        if not all(isinstance(s, str) for s in stop):
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop or ()
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
             raise TypeError(f"stop={self.stop!r} must be a string or a list of strings")
-        ids = [self.stop_token_ids] if isinstance(self.stop_token_ids, int) else list(self.stop_token_ids or ())
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        ids = [self.stop_token_ids] if isinstance(self.stop_token_ids, int) else self.stop_token_ids or ()
+        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
             raise TypeError(f"stop_token_ids={self.stop_token_ids!r} must be a list of token ids (ints)")
         object.__setattr__(self, "stop", tuple(s for s in stop if s))
         object.__setattr__(self, "stop_token_ids", tuple(ids))

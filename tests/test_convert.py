@@ -130,7 +130,8 @@ def test_command_line(tmp_path, stories_tokenizer):
     assert run.returncode == 0, run.stderr
     assert sorted(os.listdir(tmp_path / "meta")) == [
         "consolidated.00.pth", "consolidated.01.pth", "params.json", "tokenizer.model"]
-    bad = subprocess.run(cmd[:4] + [str(tmp_path / "mp3"), "--to", "meta", "--model_parallel_size", "3"],
+    bad = subprocess.run(cmd[:4] + [str(tmp_path / "mp3"), "--to", "meta", "--model_parallel_size", "3",
+                                    "--tokenizer_path", stories_tokenizer],
                          capture_output=True, text=True, timeout=120, env={**env, "PYTHONWARNINGS": "ignore"})
     assert bad.returncode == 1, bad.stderr
     assert bad.stderr.strip().startswith("error: ") and "model-parallel size 3" in bad.stderr
