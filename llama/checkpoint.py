@@ -36,14 +36,15 @@ def load_checkpoint(path: str, rank: int = 0, world_size: int = 1) -> tuple[Mode
     return READERS[detect_format(path)](path, rank, world_size)
 
 
-def detect_format(path: str) -> str:
-    """"meta", "hf" or "llama2c" for a checkpoint path; FileNotFoundError/ValueError otherwise."""
+def detect_format(path: str, flag: str = "--ckpt_dir") -> str:
+    """"meta", "hf" or "llama2c" for a checkpoint path; FileNotFoundError/ValueError (naming the
+    flag or argument that gave the path) otherwise."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist; check --ckpt_dir")
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist; check {flag}")
     if os.path.isdir(path):
         files = sorted(os.listdir(path))
         if not files:
-            raise FileNotFoundError(f"checkpoint directory {path!r} is empty; check --ckpt_dir")
+            raise FileNotFoundError(f"checkpoint directory {path!r} is empty; check {flag}")
         if "params.json" in files or any(_SHARD_RE.match(f) for f in files):
             return "meta"
         if "config.json" in files:
@@ -51,13 +52,13 @@ def detect_format(path: str) -> str:
         raise ValueError(
             f"{path!r} holds no known checkpoint layout (found: {', '.join(files[:8])}); expected "
             "Meta's params.json + consolidated.NN.pth or Hugging Face's config.json + weights "
-            "(for a llama2.c .bin, pass the file itself); check --ckpt_dir"
+            f"(for a llama2.c .bin, pass the file itself); check {flag}"
         )
     kind = file_kind(path)
     if kind != "raw":
         raise ValueError(
             f"{path!r} is a single {kind} weights file; pass the directory that holds it with its "
-            "params.json (Meta) or config.json (Hugging Face) as --ckpt_dir"
+            f"params.json (Meta) or config.json (Hugging Face) as {flag}"
         )
     return "llama2c"
 

@@ -48,6 +48,9 @@ def download(args) -> None:
     from llama import download as dl
 
     names = [m.strip() for item in args.models for m in str(item).split(",") if m.strip()]
+    unknown = [n for n in names if n not in dl.STORIES and n not in dl.META_MODELS]
+    if unknown:
+        raise ValueError(f"unknown model(s) {', '.join(unknown)}; known: {', '.join([*dl.META_MODELS, *dl.STORIES])}")
     stories = [n for n in names if n in dl.STORIES]
     if stories and len(stories) != len(names):
         raise ValueError("download stories models and Llama 2 models in separate commands")
@@ -114,7 +117,7 @@ def _main(argv: list[str]) -> None:
     else:
         args = top.parse_args(argv)  # help, or a usage error
     if argv[0] == "download":
-        flags.setup_logging(args.log_level)
+        flags.setup_logging(args)
     args.run(args)
 
 

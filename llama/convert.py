@@ -18,9 +18,11 @@ from tqdm import tqdm
 
 from llama.checkpoint import detect_format, find_tokenizer, load_checkpoint
 from llama.device import DTYPES
+from llama.formats.common import new_folder
 from llama.formats.hf import write_hf
 from llama.formats.llama2c import write_llama2c
 from llama.formats.meta import save_shard, write_params
+from llama.quant import is_quantized
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ def convert(src: str, dst: str, to: str = "meta", model_parallel_size: int = 1,
         dtype: cast the weights ("float32", "float16", "bfloat16"); by default keep them.
     """
     dtype = _check_request(dst, to, model_parallel_size, dtype)
-    source_format = detect_format(src)
+    source_format = detect_format(src, flag="SRC")
     if tokenizer_path is None:
         try:
             tokenizer_path = find_tokenizer(src)
@@ -52,15 +54,32 @@ def convert(src: str, dst: str, to: str = "meta", model_parallel_size: int = 1,
             log.warning("no tokenizer.model beside %s; pass --tokenizer_path to copy one to the output", src)
     elif not os.path.isfile(tokenizer_path):
         raise FileNotFoundError(f"tokenizer {tokenizer_path!r} does not exist; check --tokenizer_path")
-    files = _write(src, dst, to, model_parallel_size, dtype, source_format)
-    folder = dst if os.path.isdir(dst) else os.path.dirname(os.path.abspath(dst))
-    if tokenizer_path is not None and os.path.exists(os.path.join(folder, "tokenizer.model")):
-        log.warning("left the tokenizer.model already in %s as it is", folder)
-    elif tokenizer_path is not None:
-        shutil.copyfile(tokenizer_path, os.path.join(folder, "tokenizer.model"))
-        files.append("tokenizer.model")
+    if to == "llama2c":  # one new file, written under a temporary name, beside anything already there
+        tmp = f"{dst}.partial"
+        try:
+            files = [os.path.basename(dst)]
+            _write(src, tmp, to, model_parallel_size, dtype, source_format)
+            os.replace(tmp, dst)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        files += _copy_tokenizer(tokenizer_path, os.path.dirname(os.path.abspath(dst)))
+    else:  # a new folder, renamed into place once complete
+        with new_folder(dst) as tmp:
+            files = _write(src, tmp, to, model_parallel_size, dtype, source_format)
+            files += _copy_tokenizer(tokenizer_path, tmp)
     log.info("converted %s (%s) -> %s (%s): %s", src, source_format, dst, to, ", ".join(files))
     return files
+
+
+def _copy_tokenizer(tokenizer_path: str | None, folder: str) -> list[str]:
+    if tokenizer_path is None:
+        return []
+    if os.path.exists(os.path.join(folder, "tokenizer.model")):
+        log.warning("left the tokenizer.model already in %s as it is", folder)
+        return []
+    shutil.copyfile(tokenizer_path, os.path.join(folder, "tokenizer.model"))
+    return ["tokenizer.model"]
 
 
 def _check_request(dst: str, to: str, model_parallel_size: int, dtype: str | None) -> torch.dtype | None:
@@ -76,8 +95,6 @@ def _check_request(dst: str, to: str, model_parallel_size: int, dtype: str | Non
         raise ValueError("llama2.c version-1 files are float32; leave out --dtype")
     if to == "llama2c" and os.path.exists(dst):
         raise ValueError(f"output {dst!r} already exists; choose a new file name")
-    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
-        raise ValueError(f"output {dst!r} already exists and is not an empty directory; choose a new --dst")
     return dtype
 
 
@@ -85,6 +102,9 @@ def _write(src: str, dst: str, to: str, model_parallel_size: int, dtype: torch.d
            source_format: str) -> list[str]:
     """Read src and write it to dst in format `to`; returns the files written."""
     args, state_dict = load_checkpoint(src, 0, model_parallel_size)
+    if is_quantized(state_dict):
+        raise ValueError(f"{src!r} is a quantized checkpoint; convert reads floating-point ones: convert the "
+                         "original, then quantize the result with python -m llama.quantize")
     if source_format == "meta":
         args.max_seq_len = LLAMA2_CONTEXT
         if args.vocab_size == -1:

@@ -38,8 +38,9 @@ STORIES = {
     "stories15M": [("stories15M.bin", "stories15M.bin"), ("tokenizer.model", None)],
     "stories42M": [("stories42M.bin", "stories42M.bin"), ("tokenizer.model", None)],
     "stories110M": [("stories110M.bin", "stories110M.bin"), ("tokenizer.model", None)],
+    # Saved as tokenizer.model, the name Llama.build looks for beside a checkpoint.
     "stories260K": [("stories260K.bin", "stories260K/stories260K.bin"),
-                    ("tok512.model", "stories260K/tok512.model")],
+                    ("tokenizer.model", "stories260K/tok512.model")],
 }
 
 _HTML_START = re.compile(rb"^\s*(<!doctype html|<html|<\?xml[^>]*>\s*<error)", re.I)
@@ -130,7 +131,10 @@ def _fetch(url: str, part: str, name: str, timeout: float) -> None:
                                 f"URL has expired or was not copied whole; {NEW_URL_HINT}") from None
         raise DownloadError(f"{name}: HTTP {e.code} {e.reason} from {_where(url)}") from None
     except (TimeoutError, urllib.error.URLError, ConnectionError) as e:
-        raise _Interrupted(f"cannot reach {_where(url)} ({getattr(e, 'reason', e)})") from None
+        # Not an interruption to retry: the host cannot be reached at all (offline, a wrong name).
+        kept = f"; {part} is kept to resume" if have else ""
+        raise DownloadError(f"{name}: cannot reach {urllib.parse.urlsplit(url).netloc} "
+                            f"({getattr(e, 'reason', e)}); check the network connection{kept}") from None
     with response:
         if response.status == 206:
             content_range = response.headers.get("Content-Range", "bytes 0-")
@@ -250,10 +254,16 @@ def download_stories(name: str, target_folder: str = ".", base_url: str | None =
     base_url = (base_url or os.environ.get("LLAMA_TINYLLAMAS_URL") or TINYLLAMAS_URL).rstrip("/")
     tokenizer_url = tokenizer_url or os.environ.get("LLAMA_TOKENIZER_URL") or LLAMA2_TOKENIZER_URL
     folder = os.path.join(target_folder, name)
+    made = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
-    for file_name, path in STORIES[name]:
-        if path is None:
-            download_file(tokenizer_url, os.path.join(folder, file_name), LLAMA2_TOKENIZER_SHA256)
-        else:
-            download_file(f"{base_url}/{path}", os.path.join(folder, file_name))
+    try:
+        for file_name, path in STORIES[name]:
+            if path is None:
+                download_file(tokenizer_url, os.path.join(folder, file_name), LLAMA2_TOKENIZER_SHA256)
+            else:
+                download_file(f"{base_url}/{path}", os.path.join(folder, file_name))
+    except BaseException:
+        if made and not os.listdir(folder):
+            os.rmdir(folder)  # leave no empty folder behind
+        raise
     return folder

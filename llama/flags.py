@@ -15,6 +15,7 @@ import os
 import sys
 
 from llama.options import REQUIRED, BuildOptions, GenerationOptions
+from llama.progress import set_quiet
 
 log = logging.getLogger(__name__)
 # The build and sampling flags of the commands that generate (Meta's flag names).
@@ -92,7 +93,7 @@ def generation_flags(parser: argparse.ArgumentParser, build: tuple[str, ...] = B
     """The build and sampling flags (--ckpt_dir required) and --log_level."""
     names = {f.name for f in dataclasses.fields(GenerationOptions)}
     add_options(parser, BuildOptions, build, ckpt_dir=REQUIRED,
-                      **{k: v for k, v in defaults.items() if k not in names})
+                **{k: v for k, v in defaults.items() if k not in names})
     add_options(parser, GenerationOptions, SAMPLING, **{k: v for k, v in defaults.items() if k in names})
     add_logging(parser)
 
@@ -102,7 +103,7 @@ def start(args: argparse.Namespace, **build) -> tuple:
     from llama.generation import Llama
     from llama.parallel import rank
 
-    setup_logging(args.log_level, rank())
+    setup_logging(args, rank())
     generator = Llama.build(**pick(BuildOptions, args), **build)
     options = pick(GenerationOptions, args)
     options.pop("seed", None)  # the build's seed seeds sampling
@@ -112,11 +113,14 @@ def start(args: argparse.Namespace, **build) -> tuple:
 def add_logging(parser: argparse.ArgumentParser, default: str = "warning") -> None:
     parser.add_argument("--log_level", default=default, choices=("debug", "info", "warning", "error"),
                         help=f"what the library logs to stderr (default: {default})")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or status lines on stderr")
 
 
-def setup_logging(log_level: str, rank: int = 0) -> None:
-    level = logging.ERROR if rank != 0 else getattr(logging, log_level.upper())
+def setup_logging(args: argparse.Namespace, rank: int = 0) -> None:
+    """Logs (rank 0 only, but errors) and progress on stderr as the flags say."""
+    level = logging.ERROR if rank != 0 else getattr(logging, args.log_level.upper())
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    set_quiet(args.quiet)
 
 
 def run(main, argv: list[str] | None = None) -> None:

@@ -127,9 +127,15 @@ class Llama:
         `stop_check(i, row)`, called after a token is added to row i, returns True to finish
         that row (the token stays); the other rows go on.
         """
-        max_gen_len = self.model.max_seq_len - 1 if options.max_gen_len is None else options.max_gen_len
+        max_seq_len = self.model.max_seq_len
+        max_gen_len = max_seq_len - 1 if options.max_gen_len is None else options.max_gen_len
+        check_prompts(prompt_tokens, max_gen_len, max_seq_len, self.model.vocab_size)
+        longest = max(len(p) for p in prompt_tokens)
+        if options.max_gen_len is not None and max_gen_len > max_seq_len - longest:
+            log.warning("max_gen_len=%d does not fit max_seq_len=%d after a prompt of %d tokens: at most %d "
+                        "tokens are generated there; raise --max_seq_len for more",
+                        max_gen_len, max_seq_len, longest, max_seq_len - longest)
         options = dataclasses.replace(options, max_gen_len=max_gen_len)
-        check_prompts(prompt_tokens, max_gen_len, self.model.max_seq_len, self.model.vocab_size)
         generator = None
         if options.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(options.seed)

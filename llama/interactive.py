@@ -3,9 +3,11 @@
 import logging
 import sys
 
+import torch
+
 from llama.chat import Dialog, Message, check_dialog, encode_dialog
 from llama.generation import Llama
-from llama.parallel import world_size
+from llama.parallel import rank, world_size
 
 log = logging.getLogger(__name__)
 
@@ -89,44 +91,71 @@ def read_message(prompt: str, echo: bool) -> str:
         return "\n".join(lines)
 
 
-def chat_loop(generator: Llama, system_prompt: str | None = None, max_gen_len: int | None = None,
-              **sampling) -> None:
-    """Run the REPL on stdin/stdout until /exit or end of input."""
-    if world_size() > 1:
-        raise ValueError("interactive chat runs in one process; start it without torchrun")
-    session = ChatSession(generator, system_prompt, max_gen_len, **sampling)
-    tty = sys.stdin.isatty()
-    if tty:
-        print("Chat with the model. /help lists the commands.", file=sys.stderr)
-    while True:
+def _next_message(tty: bool) -> str | None:
+    """The user's next message (None at the end of input). Under torchrun rank 0 reads it and
+    every other rank receives it, so all ranks run the same turns."""
+    text = None
+    if rank() == 0:
         try:
             text = read_message("> ", echo=not tty).strip()
         except EOFError:
             print()
-            return
+    if world_size() > 1:
+        box = [text]
+        torch.distributed.broadcast_object_list(box, src=0)
+        text = box[0]
+    return text
+
+
+def _say(*args, **kwargs) -> None:
+    if rank() == 0:
+        print(*args, **kwargs)
+
+
+def chat_loop(generator: Llama, system_prompt: str | None = None, max_gen_len: int | None = None,
+              **sampling) -> None:
+    """Run the REPL on stdin/stdout until /exit or end of input (under torchrun: rank 0's terminal;
+    there Ctrl-C ends the chat, as every rank receives it)."""
+    session = ChatSession(generator, system_prompt, max_gen_len, **sampling)
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 become U+FFFD, not a crash
+    tty = sys.stdin.isatty()
+    if tty:
+        _say("Chat with the model. /help lists the commands.", file=sys.stderr)
+    while True:
+        try:
+            text = _next_message(tty)
         except KeyboardInterrupt:
+            if world_size() > 1:
+                raise
             print()
             continue
+        if text is None or text in ("/exit", "/quit"):
+            return
         if not text:
             continue
-        if text in ("/exit", "/quit"):
-            return
         if text == "/reset":
             session.reset()
-            print("(conversation cleared)")
+            _say("(conversation cleared)")
             continue
         if text == "/help" or text.startswith("/"):
-            print(HELP if text == "/help" else f"unknown command {text.split()[0]}; /help lists them")
+            _say(HELP if text == "/help" else f"unknown command {text.split()[0]}; /help lists them")
             continue
-        stream = session.ask(text)
-        try:
-            for i, piece in enumerate(stream):
-                if i == 0 and session.dropped:
-                    print(f"(forgot the {session.dropped} oldest exchange(s) to fit max_seq_len)")
-                print(piece, end="", flush=True)
-        except KeyboardInterrupt:
-            stream.close()
-            print(" [stopped]", end="")
-        except ValueError as e:
-            print(f"error: {e}", end="")
-        print("\n")
+        _answer(session, text)
+
+
+def _answer(session: ChatSession, text: str) -> None:
+    stream = session.ask(text)
+    try:
+        for i, piece in enumerate(stream):
+            if i == 0 and session.dropped:
+                _say(f"(forgot the {session.dropped} oldest exchange(s) to fit max_seq_len)")
+            _say(piece, end="", flush=True)
+    except KeyboardInterrupt:
+        if world_size() > 1:
+            raise
+        stream.close()
+        _say(" [stopped]", end="")
+    except ValueError as e:
+        _say(f"error: {e}", end="")
+    _say("\n")

@@ -9,10 +9,14 @@ LLAMA_CPU_KERNELS=0, `available()` is False and the layers use PyTorch ops; LLAM
 (or avx512) picks a build instead.
 """
 
+import contextlib
 import logging
 import os
+import sys
 
 import torch
+
+from llama.progress import status
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +51,7 @@ def build_for_this_cpu() -> str | None:
 def _load() -> str:
     choice = os.environ.get("LLAMA_CPU_KERNELS", "auto").strip().lower()
     if choice == "0":
-        log.info("LLAMA_CPU_KERNELS=0: CPU kernels off")
+        log.warning("LLAMA_CPU_KERNELS=0: CPU kernels off; using PyTorch ops, which decode slower")
         return ""
     build = build_for_this_cpu() if choice == "auto" else choice
     if build not in FLAGS:
@@ -57,14 +61,29 @@ def _load() -> str:
         from torch.utils.cpp_extension import load
 
         log.info("loading the %s CPU kernels (the first time compiles them, about 30 s)", build)
-        load(name=f"llama_cpu_{build}", sources=[SOURCE], is_python_module=False,
-             extra_cflags=["-O3", "-fopenmp", *FLAGS[build]], extra_ldflags=["-fopenmp"])
+        with status("building the C++ CPU kernels (once, about 30 s)"), _stdout_to_stderr():
+            load(name=f"llama_cpu_{build}", sources=[SOURCE], is_python_module=False,
+                 extra_cflags=["-O3", "-fopenmp", *FLAGS[build]], extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler, no ninja, a failed build: all mean "use PyTorch ops"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         log.warning("CPU kernels could not be built (%s); using PyTorch ops, which decode slower", first)
         return ""
     _register_fakes()
     return build
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Send what the build prints (the compiler's, PyTorch's) to stderr: stdout carries generated text."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _register_fakes() -> None:

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 from llama.quant import DEFAULT_GROUP_SIZE, MODES
 
-
 REQUIRED = inspect.Parameter.empty  # a takes_options default that makes the parameter required
 
 

@@ -10,6 +10,7 @@ import mmap
 
 import torch
 
+
 def release_pages(t: torch.Tensor) -> None:
     """Drop a memory-mapped tensor's pages from this process (they stay in the page cache).
 

@@ -32,6 +32,11 @@ SHARD_DIM = {
 }
 
 
+# Split layers whose outputs every rank needs whole: gathered after the layer. The outputs of
+# the other layers split by input columns (dim 1) are partial sums, reduced after the layer.
+GATHERED = ("tok_embeddings", "output")
+
+
 def shard_dim(key: str) -> int | None:
     """The split dimension of a state-dict key such as `layers.0.attention.wq.weight`."""
     parts = key.split(".")
@@ -64,7 +69,8 @@ def model_parallel_size() -> int:
 
 
 def setup(model_parallel_size: int | None, device: torch.device) -> tuple[int, int]:
-    """Start the process group when torchrun launched several processes; returns (rank, size)."""
+    """Start the process group when torchrun launched several processes; returns (rank, size).
+    On CUDA the device becomes this process's current device (what nccl uses)."""
     world = world_size()
     if model_parallel_size is None:
         model_parallel_size = world
@@ -73,6 +79,8 @@ def setup(model_parallel_size: int | None, device: torch.device) -> tuple[int, i
             f"model_parallel_size={model_parallel_size} but torchrun started {world} process(es); "
             f"pass --nproc_per_node {model_parallel_size} to torchrun or leave model_parallel_size unset"
         )
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world == 1:
         return 0, 1
     if not torch.distributed.is_initialized():
@@ -141,10 +149,10 @@ def _smaller(layer: nn.Module, dim: int, world_size: int) -> nn.Module:
 def add_collectives(model: nn.Module) -> nn.Module:
     """Add fairscale's collectives to a sharded model (in place; after every module swap).
 
-    Outputs of layers split by input columns (`wo`, `w2`) are summed over ranks; the outputs of
-    the embedding (split by dimension) and of the output layer (split by vocabulary) are
-    gathered. Other column-split layers need nothing in inference: their inputs are whole on
-    every rank and their outputs stay split. A no-op with one process.
+    The outputs of the GATHERED layers (the embedding, split by dimension; the output layer,
+    split by vocabulary) are gathered; those of the other layers split by input columns (`wo`,
+    `w2`) are summed over ranks. Layers split by output rows need nothing in inference: their
+    inputs are whole on every rank and their outputs stay split. A no-op with one process.
     """
     if model_parallel_size() == 1:
         return model
@@ -158,8 +166,8 @@ def add_collectives(model: nn.Module) -> nn.Module:
 
     for module in list(model.modules()):
         for name, child in module.named_children():
-            if name in ("wo", "w2"):
-                child.register_forward_hook(reduce)
-            elif name in ("tok_embeddings", "output"):
+            if name in GATHERED:
                 child.register_forward_hook(gather)
+            elif SHARD_DIM.get(name) == 1:
+                child.register_forward_hook(reduce)
     return model

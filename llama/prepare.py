@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from llama.cpu_layers import use_cpu_kernels
+from llama.progress import note
 
 
 def prepare_for_device(model: nn.Module) -> nn.Module:
@@ -22,4 +23,5 @@ def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
         # 0.62 -> 0.47 ms on the 2-core test machine.
         options["cpp_wrapper"] = True
     model.compile(mode="reduce-overhead" if device.type == "cuda" else None, options=options)
+    note("torch.compile: the first prompt and the first decode steps compile the model (10-30 s)")
     return model

@@ -17,6 +17,7 @@ import logging
 import torch
 
 from llama.pages import release_pages, trim_heap
+from llama.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +114,11 @@ def quantize_state_dict(state_dict: dict, mode: str, group_size: int = DEFAULT_G
     """
     check_mode(mode, group_size)
     out = {}
+    nbytes = sum(t.numel() * t.element_size() for t in state_dict.values())
+    bar = progress(total=nbytes, desc=f"quantizing to {mode}", unit="B", unit_scale=True)
     for key in list(state_dict):
         t = state_dict[key]
+        bar.update(t.numel() * t.element_size())
         if is_linear_key(key):
             prefix = key[: -len("weight")]
             src = t.to(device)  # one full-precision tensor at a time
@@ -130,6 +134,7 @@ def quantize_state_dict(state_dict: dict, mode: str, group_size: int = DEFAULT_G
             out[key] = _convert(t, device, dtype if t.is_floating_point() else t.dtype)
         release_pages(t)
         del t
+    bar.close()
     return out
 
 

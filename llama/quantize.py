@@ -8,8 +8,10 @@ import shutil
 import torch
 
 from llama import quant
-from llama.checkpoint import load_checkpoint
+from llama.checkpoint import find_tokenizer, load_checkpoint
 from llama.device import DTYPES
+from llama.formats.common import new_folder
+from llama.formats.meta import write_params
 from llama.quant import DEFAULT_GROUP_SIZE
 
 log = logging.getLogger(__name__)
@@ -17,20 +19,32 @@ log = logging.getLogger(__name__)
 
 def save_quantized(ckpt_dir: str, out_dir: str, mode: str, group_size: int = DEFAULT_GROUP_SIZE,
                    dtype: str = "float16") -> None:
-    """Write a quantized Meta-layout checkpoint (params.json + consolidated.00.pth) to out_dir.
+    """Write a quantized Meta-layout checkpoint (params.json + consolidated.00.pth, and the
+    tokenizer.model found beside the source) to the new folder out_dir, from any format
+    `Llama.build` reads.
 
     The source is read tensor by tensor from its memory map; `Llama.build(out_dir, ...)` loads
-    the result directly, without quantize=.
+    the result directly, without quantize=. out_dir appears only once complete.
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; pass float32, float16 or bfloat16")
-    _, state_dict = load_checkpoint(ckpt_dir)
+    quant.check_mode(mode, group_size)
+    args, state_dict = load_checkpoint(ckpt_dir)
     if quant.is_quantized(state_dict):
         raise ValueError(f"{ckpt_dir!r} is already quantized; pass a floating-point checkpoint")
-    quantized = quant.quantize_state_dict(state_dict, mode, group_size, DTYPES[dtype], "cpu")
-    os.makedirs(out_dir, exist_ok=True)
-    shutil.copy(os.path.join(ckpt_dir, "params.json"), os.path.join(out_dir, "params.json"))
-    torch.save(quantized, os.path.join(out_dir, "consolidated.00.pth"))
+    if args.vocab_size <= 0:
+        args.vocab_size = state_dict["tok_embeddings.weight"].shape[0]
+    try:
+        tokenizer = find_tokenizer(ckpt_dir)
+    except ValueError:
+        tokenizer = None
+        log.warning("no tokenizer.model beside %s; pass --tokenizer_path when loading %s", ckpt_dir, out_dir)
+    with new_folder(out_dir, "OUT_DIR") as tmp:
+        quantized = quant.quantize_state_dict(state_dict, mode, group_size, DTYPES[dtype], "cpu")
+        write_params(args, tmp)
+        torch.save(quantized, os.path.join(tmp, "consolidated.00.pth"))
+        if tokenizer:
+            shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.model"))
     log.info("wrote %s quantized checkpoint to %s", mode, out_dir)
 
 

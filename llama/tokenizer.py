@@ -12,6 +12,8 @@ class Tokenizer:
     """Encodes and decodes text with a sentencepiece `tokenizer.model`."""
 
     def __init__(self, model_path: str):
+        if os.path.isdir(model_path):
+            raise ValueError(f"--tokenizer_path {model_path!r} is a folder; pass the tokenizer.model file in it")
         if not os.path.isfile(model_path):
             raise FileNotFoundError(f"tokenizer file {model_path!r} not found; pass --tokenizer_path")
         self.path = model_path

@@ -36,9 +36,7 @@ def move_state_dict(state_dict: dict, device: torch.device, dtype: torch.dtype) 
     """Each floating tensor to device/dtype, one at a time; tied tensors stay tied."""
     moved: dict[int, torch.Tensor] = {}
     out = {}
-    nbytes = sum(t.numel() * t.element_size() for t in state_dict.values())
-    for key, t in progress(state_dict.items(), total=len(state_dict), desc="loading", unit="tensor",
-                           show=nbytes > 2**30):
+    for key, t in progress(state_dict.items(), total=len(state_dict), desc="loading", unit="tensor"):
         if id(t) not in moved:
             moved[id(t)] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
             if moved[id(t)].data_ptr() != t.data_ptr():

@@ -1,5 +1,6 @@
 """Shared fixtures: the real models in ../shared/models (or $LLAMA_MODELS) and a built stories260K."""
 
+import json
 import os
 import re
 import subprocess
@@ -78,3 +79,20 @@ def torchrun_results(tmp_path_factory, stories_tokenizer) -> dict:
     assert run.returncode == 0, run.stderr[-3000:]
     results = torch.load(out, weights_only=True)
     return {form: results[path] for form, path in zip(STORIES_FORMS, paths)}
+
+
+def write_random_checkpoint(path, args) -> int:
+    """A Meta-layout fp16 checkpoint with random weights; returns the file size in bytes."""
+    import torch
+
+    from llama.model import Transformer
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
+    sd = {k: (torch.randn(shape) * 0.02).half() for k, shape in shapes.items()}
+    path.mkdir()
+    params = {k: v for k, v in vars(args).items() if k not in ("max_batch_size", "max_seq_len", "hidden_dim")}
+    (path / "params.json").write_text(json.dumps(params))
+    torch.save(sd, path / "consolidated.00.pth")
+    return os.path.getsize(path / "consolidated.00.pth")

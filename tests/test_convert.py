@@ -118,7 +118,7 @@ def test_convert_errors(tmp_path):
         convert(src, str(tmp_path / "b"), to="gguf")
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "old.pth").write_bytes(b"")
-    with pytest.raises(ValueError, match="not an empty directory"):
+    with pytest.raises(ValueError, match="not an empty folder"):
         convert(src, str(tmp_path / "c"), to="hf")
 
 

@@ -4,8 +4,10 @@ import hashlib
 import os
 import re
 import shutil
+import socket
 import subprocess
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -161,7 +163,12 @@ def test_stories_by_name(server, tmp_path):
     server.routes["/tokenizer.model"] = (Path(models_path("llama2-tokenizer", "tokenizer.model")).read_bytes(), "ok")
     server.routes["/stories15M.bin"] = (WEIGHTS, "ok")
     folder = dl.download_stories("stories260K", str(tmp_path), base_url=server.url)
-    assert sorted(os.listdir(folder)) == ["stories260K.bin", "tok512.model"]
+    assert sorted(os.listdir(folder)) == ["stories260K.bin", "tokenizer.model"]
+    # The next command a user types finds the tokenizer beside the weights.
+    from llama import Llama
+
+    llama = Llama.build(os.path.join(folder, "stories260K.bin"), max_seq_len=32, max_batch_size=1, device="cpu")
+    assert llama.tokenizer.n_words == 512
     folder = dl.download_stories("stories15M", str(tmp_path), base_url=server.url,
                                  tokenizer_url=server.url + "/tokenizer.model")
     assert sorted(os.listdir(folder)) == ["stories15M.bin", "tokenizer.model"]  # tokenizer sha256-verified
@@ -211,3 +218,24 @@ def test_llama_download_command(server, tmp_path, monkeypatch, capsys):
         main(["download", "7B", "--url", url, "--target_folder", str(tmp_path)])
     assert stop.value.code == 1
     assert capsys.readouterr().err.startswith("error: consolidated.00.pth: the server refused")
+
+
+def test_offline_is_one_clear_error_and_leaves_no_folder(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once closed
+    start = time.time()
+    with pytest.raises(dl.DownloadError, match="cannot reach 127.0.0.1.*check the network connection"):
+        dl.download_stories("stories260K", str(tmp_path), base_url=closed)
+    assert time.time() - start < 5  # no retries
+    assert os.listdir(tmp_path) == []
+
+
+def test_mistyped_model_name_lists_the_known_ones(tmp_path, capsys):
+    from llama.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["download", "stories99M", "--target_folder", str(tmp_path)])
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert "unknown model(s) stories99M" in err and "stories260K" in err and "7B-chat" in err

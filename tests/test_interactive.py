@@ -107,3 +107,51 @@ def test_sigint_stops_answer_in_real_process():
     text = (seen + out).decode()
     assert proc.returncode == 0, err.decode()[-2000:]
     assert "[stopped]" in text and "> again" in text
+
+
+def chat_through_pty(cmd: list[str], lines: list[str]) -> str:
+    """Run an interactive chat with its stdin and stdout on a pseudo-terminal (echo off), type the
+    lines, and return what it printed."""
+    import pty
+    import termios
+
+    master, slave = pty.openpty()
+    attrs = termios.tcgetattr(slave)
+    attrs[3] &= ~termios.ECHO  # only the program's output comes back
+    termios.tcsetattr(slave, termios.TCSANOW, attrs)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=subprocess.PIPE, env=env, cwd=REPO)
+    os.close(slave)
+    os.write(master, "".join(line + "\n" for line in lines).encode())
+    out = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the terminal closed: every process holding it has ended
+                break
+            if not chunk:
+                break
+            out += chunk
+        err = proc.communicate(timeout=240)[1]
+    finally:
+        proc.kill()
+        os.close(master)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    return out.decode().replace("\r\n", "\n")
+
+
+def test_chat_under_torchrun_follows_rank_0(stories_tokenizer):
+    """Two ranks (gloo) chat through rank 0's terminal: two turns, /reset, /exit, the same
+    replies as one process."""
+    flags = ["example_chat_completion.py", "--ckpt_dir", models_path("stories260K-meta-mp2"),
+             "--tokenizer_path", stories_tokenizer, "--interactive", "--device", "cpu", "--dtype", "float32",
+             "--temperature", "0", "--max_seq_len", "256", "--max_gen_len", "24"]
+    lines = ["Tell me a story", "What happened next?", "/reset", "Tell me a story", "/exit"]
+    one = chat_through_pty([sys.executable, *flags], lines)
+    two = chat_through_pty([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            *flags], lines)
+    assert two == one
+    answers = [a.strip() for a in one.split("> ")[1:] if a.strip()]
+    assert len(answers) >= 4 and "(conversation cleared)" in one
+    assert answers[0] == answers[-1]  # after /reset the first question gets the first answer again

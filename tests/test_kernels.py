@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama import kernels
-from llama import cpu_layers
+from llama import cpu_layers, kernels
 from llama import quant as Q
 from llama.prepare import prepare_for_device
 from llama.quant_layers import Int4Linear, Int8Linear

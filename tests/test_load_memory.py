@@ -6,10 +6,8 @@ import subprocess
 import sys
 import textwrap
 
-import torch
-
-from conftest import REPO
-from llama.model import ModelArgs, Transformer
+from conftest import REPO, write_random_checkpoint
+from llama.model import ModelArgs
 
 MEASURE = textwrap.dedent("""
     import json, sys
@@ -30,17 +28,6 @@ MEASURE = textwrap.dedent("""
     print(json.dumps({"before_kb": before, "build_peak_kb": built, "run_peak_kb": rss_kb("VmHWM"),
                       "dtype": str(llama.model.output.weight.dtype), "n": len(tokens[0])}))
 """)
-
-
-def write_random_checkpoint(path, args: ModelArgs) -> int:
-    """A Meta-layout fp16 checkpoint with random weights; returns the file size in bytes."""
-    torch.manual_seed(0)
-    sd = {k: (torch.randn(v.shape) * 0.02).half() for k, v in Transformer(args).state_dict().items()}
-    path.mkdir()
-    params = {k: v for k, v in vars(args).items() if k not in ("max_batch_size", "max_seq_len", "hidden_dim")}
-    (path / "params.json").write_text(json.dumps(params))
-    torch.save(sd, path / "consolidated.00.pth")
-    return os.path.getsize(path / "consolidated.00.pth")
 
 
 def test_fp16_build_peak_rss_below_one_and_a_half_checkpoints(tmp_path, llama2_tokenizer):

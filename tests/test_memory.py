@@ -90,3 +90,25 @@ def test_7b_fp16_build_refused_at_12gb_before_loading(fake_7b, monkeypatch):
     with pytest.raises(ValueError, match="quantize='int8'.*quantize='int4'"):
         Llama.build(fake_7b, models_path("llama2-tokenizer", "tokenizer.model"), max_seq_len=2048,
                     max_batch_size=1, device="cpu", dtype="float16", memory_limit="12GB")
+
+
+@pytest.mark.parametrize("form", ["stories260K-hf", "stories260K/stories260K.bin", "stories260K-meta"])
+def test_memory_command_reads_every_format(form, capsys):
+    from llama.memory import main
+
+    main(["--ckpt_dir", models_path(*form.split("/")), "--max_seq_len", "256", "--dtype", "float32"])
+    out = capsys.readouterr().out
+    assert "float32" in out and "-> fits" in out
+
+
+def test_memory_command_reports_a_quantized_checkpoint_as_quantized(tmp_path, capsys):
+    from llama.memory import main
+    from llama.quantize import save_quantized
+
+    save_quantized(models_path("stories260K-meta"), str(tmp_path / "q"), "int8", dtype="float32")
+    main(["--ckpt_dir", str(tmp_path / "q"), "--max_seq_len", "256", "--dtype", "float32"])
+    assert "int8" in capsys.readouterr().out.splitlines()[0]
+    with pytest.raises(SystemExit) as stop:
+        main(["--ckpt_dir", str(tmp_path / "q"), "--memory_limit", "1MB"])
+    assert stop.value.code == 1
+    assert "does NOT fit" in capsys.readouterr().out

@@ -1,5 +1,7 @@
 """Weight-only int8/int4: error bounds of the math and layers, and quality on stories260K."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -165,3 +167,39 @@ def test_quantized_checkpoint_under_model_parallel_is_refused(tmp_path):
     with pytest.raises(ValueError, match="--quantize") as e:
         load_checkpoint(str(tmp_path / "q"), 0, 2)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("form", ["stories260K-hf", "stories260K/stories260K.bin", "stories260K-meta"])
+def test_quantize_command_reads_every_format(tmp_path, form, reference_text):
+    from llama.quantize import main
+
+    out = tmp_path / "q"
+    main([models_path(*form.split("/")), str(out), "--quantize", "int8", "--dtype", "float32"])
+    assert sorted(os.listdir(out))[:2] == ["consolidated.00.pth", "params.json"]
+    llm = Llama.build(str(out), models_path("stories260K", "tok512.model"), max_seq_len=256, max_batch_size=1,
+                      device="cpu")
+    tokens, _ = llm.generate([[1]], 50, temperature=0)
+    assert reference_text.startswith(llm.tokenizer.decode(tokens[0]))  # int8 keeps the first 50 greedy tokens
+
+
+def test_quantize_never_overwrites_and_leaves_nothing_on_failure(tmp_path):
+    from llama.quantize import main
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "consolidated.00.pth").write_bytes(b"user's file")
+    with pytest.raises(ValueError, match="not an empty folder"):
+        main([models_path("stories260K-meta"), str(existing)])
+    assert (existing / "consolidated.00.pth").read_bytes() == b"user's file"
+    with pytest.raises(ValueError):
+        main([str(tmp_path / "missing"), str(tmp_path / "out")])
+    assert sorted(os.listdir(tmp_path)) == ["existing"]  # no partial or temporary folder
+
+
+def test_converting_a_quantized_checkpoint_is_refused_clearly(tmp_path):
+    from llama.convert import convert
+
+    save_quantized(models_path("stories260K-meta"), str(tmp_path / "q"), "int8")
+    with pytest.raises(ValueError, match="quantized checkpoint; convert reads floating-point"):
+        convert(str(tmp_path / "q"), str(tmp_path / "hf"), to="hf")
+    assert not (tmp_path / "hf").exists()

@@ -1,6 +1,10 @@
 """Pieces every format shares: safe torch loading, rank slicing, head-split checks, file sniffing."""
 
+import contextlib
+import os
+import shutil
 import struct
+import tempfile
 
 import torch
 
@@ -56,3 +60,26 @@ def file_kind(path: str) -> str:
     if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < 100_000_000:
         return "safetensors"
     return "raw"
+
+
+@contextlib.contextmanager
+def new_folder(dst: str, flag: str = "DST"):
+    """A temporary folder beside dst to write a checkpoint into, renamed to dst when the block ends
+    without an error (removed when it fails), so dst is never left partly written. An existing
+    dst must be an empty folder: nothing is overwritten."""
+    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
+        raise ValueError(f"output {dst!r} already exists and is not an empty folder; choose a new {flag}")
+    parent = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(dst))}.", suffix=".partial", dir=parent)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private
+        if os.path.isdir(dst):
+            os.rmdir(dst)  # empty, checked above
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
