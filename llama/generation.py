@@ -5,8 +5,10 @@ files -> state dict -> model -> transforms -> loaded, prepared model. The token 
 `llama.decode`; the options every method takes are declared once in `llama.options`.
 """
 
+import contextlib
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from typing import TypedDict
@@ -98,6 +100,22 @@ class Llama:
     def __init__(self, model: Transformer, tokenizer: Tokenizer):
         self.model = model
         self.tokenizer = tokenizer
+        self._lock = threading.Lock()  # the KV cache serves one generation at a time
+        self._owner: int | None = None  # the thread whose generation holds it
+
+    @contextlib.contextmanager
+    def _exclusive(self):
+        """Hold the model (its KV cache) for one generation. Other threads wait their turn; a second
+        generation in the thread that holds it would wait for itself, so it is an error instead."""
+        if self._owner == threading.get_ident():
+            raise RuntimeError("a generation from this thread is still open (a stream neither finished nor "
+                               "closed); finish it or call its close() before starting another")
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._owner = None
 
     @property
     def device(self) -> torch.device:
@@ -124,6 +142,9 @@ class Llama:
                       stop_check: StopCheck | None = None) -> Iterator[list[Row]]:
         """Like generate, but yields every row (a `llama.decode.Row`) after each decoding step.
 
+        One generation runs at a time (they share the KV cache): calls from other threads wait;
+        in the thread of an open stream, finish or close() it before starting another.
+
         `stop_check(i, row)`, called after a token is added to row i, returns True to finish
         that row (the token stays); the other rows go on.
         """
@@ -142,11 +163,12 @@ class Llama:
         stop = {self.tokenizer.eos_id, *options.stop_token_ids} - {-1}
         bs = self.model.max_batch_size
         finished: list[Row] = []
-        for i in range(0, len(prompt_tokens), bs):
-            check = None if stop_check is None else (lambda b, r, i=i: stop_check(i + b, r))
-            for rows in decode_batch(self.model, prompt_tokens[i : i + bs], options, stop, generator, check):
-                yield finished + rows
-            finished = finished + rows
+        with self._exclusive():
+            for i in range(0, len(prompt_tokens), bs):
+                check = None if stop_check is None else (lambda b, r, i=i: stop_check(i + b, r))
+                for rows in decode_batch(self.model, prompt_tokens[i : i + bs], options, stop, generator, check):
+                    yield finished + rows
+                finished = finished + rows
 
     # ------------------------------------------------------------------ text
 
