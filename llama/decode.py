@@ -40,9 +40,22 @@ def check_prompts(prompt_tokens: list[list[int]], max_gen_len: int, max_seq_len:
             raise ValueError(f"prompt {i} has token ids {bad[:5]} outside the vocabulary 0..{vocab_size - 1}")
 
 
-def _check_finite(logits: torch.Tensor, dtype: torch.dtype) -> None:
+def _check_finite(logits: torch.Tensor, model: Transformer) -> None:
     if not math.isfinite(logits.sum().item()):  # one reduction: 70 us less a step than isfinite().all()
-        raise FloatingPointError(f"the model produced NaN/inf logits in {dtype}; try --dtype float32 or bfloat16")
+        raise FloatingPointError(f"the model produced NaN/inf logits: {nan_cause(model)}")
+
+
+def nan_cause(model: Transformer) -> str:
+    """The likely cause of non-finite logits, looked for only once they appear."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            return f"the weights hold NaN/inf values (first in {name}); the checkpoint is damaged"
+    dtype = model.tok_embeddings.weight.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        return f"the activations overflowed {dtype}; try --dtype float32 (or bfloat16 for float16)"
+    p = model.params
+    return (f"the weights are finite and {dtype} does not overflow, so check the checkpoint's params "
+            f"(norm_eps={p.norm_eps}, rope_theta={p.rope_theta})")
 
 
 def prefill(model: Transformer, prompts: list[list[int]], rows: list[Row], echo_logprobs: bool) -> torch.Tensor:
@@ -80,7 +93,7 @@ def decode_batch(model: Transformer, prompts: list[list[int]], options: Generati
         return
     n_gen = [0] * len(prompts)
     for _ in range(max(budgets)):
-        _check_finite(logits, model.tok_embeddings.weight.dtype)
+        _check_finite(logits, model)
         cur = next_token(logits, options.temperature, options.top_p, generator)  # (b,)
         if options.logprobs:
             lp = torch.log_softmax(logits, dim=-1).gather(-1, cur[:, None])[:, 0].tolist()

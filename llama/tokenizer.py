@@ -33,6 +33,13 @@ class Tokenizer:
 
     def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
         """Token ids of s, with BOS and/or EOS added."""
+        if not isinstance(s, str):
+            raise TypeError(f"text to encode must be a str, not {type(s).__name__}")
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"the text has a lone surrogate {s[e.start]!r} at character {e.start} (not valid "
+                             "Unicode, often from a bad decode); fix the text or decode it with errors='replace'") from None
         t = self.sp_model.encode(s)
         if bos:
             t = [self.bos_id] + t

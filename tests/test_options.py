@@ -75,3 +75,10 @@ def test_options_normalise_stop_lists():
     o = GenerationOptions(stop="The end", stop_token_ids=1)
     assert o.stop == ("The end",) and o.stop_token_ids == (1,)
     assert GenerationOptions(stop=["", "x"]).stop == ("x",)
+
+
+def test_text_that_is_not_unicode_is_a_clear_error(stories):
+    with pytest.raises(ValueError, match="lone surrogate '\\\\ud800' at character 4"):
+        stories.text_completion(["Once\ud800 upon"], max_gen_len=4)
+    with pytest.raises(TypeError, match="str, not bytes"):
+        stories.text_completion([b"Once"], max_gen_len=4)

@@ -52,12 +52,25 @@ def test_every_torch_load_is_weights_only():
             assert "weights_only=True" in call, f"{path.name}: {call}"
 
 
-def test_nan_logits_name_the_dtype(stories_tokenizer):
-    llama = Llama.build(models_path("stories260K-meta"), stories_tokenizer, max_seq_len=32,
-                        max_batch_size=1, device="cpu", dtype="float32")
-    llama.model.norm.weight.fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match="float32"):
+def test_nan_logits_name_their_likely_cause(stories_tokenizer):
+    def build(dtype):
+        return Llama.build(models_path("stories260K-meta"), stories_tokenizer, max_seq_len=32,
+                           max_batch_size=1, device="cpu", dtype=dtype)
+
+    llama = build("float32")
+    llama.model.norm.weight.fill_(float("nan"))  # damaged weights: named, in any dtype
+    with pytest.raises(FloatingPointError, match="NaN/inf values \\(first in norm.weight\\); the checkpoint"):
         llama.text_completion(["Once"], max_gen_len=4)
+    llama = build("float16")
+    llama.model.layers[0].attention_norm.weight.fill_(60000.0)  # finite weights that overflow fp16
+    with pytest.raises(FloatingPointError, match="overflowed torch.float16; try --dtype float32"):
+        llama.text_completion(["Once"], max_gen_len=4)
+    llama = build("float32")
+    llama.model.layers[0].attention_norm.eps = -1.0  # rsqrt of a negative: params at fault, not the dtype
+    llama.model.layers[0].attention_norm.weight.zero_()
+    with pytest.raises(FloatingPointError, match="check the checkpoint's params") as e:
+        llama.text_completion(["Once"], max_gen_len=4)
+    assert "dtype float32" not in str(e.value)
 
 
 def test_seed_per_call(stories):
