@@ -7,7 +7,7 @@ import torch
 
 from llama.chat import Dialog, Message, check_dialog, encode_dialog
 from llama.generation import Llama
-from llama.parallel import rank, world_size
+from llama.parallel import patient_group, rank, world_size
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +91,9 @@ def read_message(prompt: str, echo: bool) -> str:
         return "\n".join(lines)
 
 
-def _next_message(tty: bool) -> str | None:
+def _next_message(tty: bool, group) -> str | None:
     """The user's next message (None at the end of input). Under torchrun rank 0 reads it and
-    every other rank receives it, so all ranks run the same turns."""
+    every other rank receives it through `group`, so all ranks run the same turns."""
     text = None
     if rank() == 0:
         try:
@@ -102,7 +102,7 @@ def _next_message(tty: bool) -> str | None:
             print()
     if world_size() > 1:
         box = [text]
-        torch.distributed.broadcast_object_list(box, src=0)
+        torch.distributed.broadcast_object_list(box, src=0, group=group)
         text = box[0]
     return text
 
@@ -120,11 +120,12 @@ def chat_loop(generator: Llama, system_prompt: str | None = None, max_gen_len: i
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 become U+FFFD, not a crash
     tty = sys.stdin.isatty()
+    group = patient_group() if world_size() > 1 else None  # waiting for a person never times out
     if tty:
         _say("Chat with the model. /help lists the commands.", file=sys.stderr)
     while True:
         try:
-            text = _next_message(tty)
+            text = _next_message(tty, group)
         except KeyboardInterrupt:
             if world_size() > 1:
                 raise

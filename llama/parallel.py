@@ -1,13 +1,16 @@
 """Model parallelism: the torchrun environment, the process group, and the tensor-parallel transform.
 
 The model is built whole, of plain `nn.Linear` / `nn.Embedding` layers. `shard_model` shrinks
-the split layers to one rank's slice (before loading) and `add_collectives` hooks fairscale's
-collectives onto them (after every other transform). SHARD_DIM is the one table of which weight
+the split layers to one rank's slice (before loading) and `add_collectives` hooks the
+collectives onto them (after every other transform). fairscale's model-parallel state is set up
+as Meta's code expects (its group is the whole world); the collectives run on torch.distributed's
+default group, whose timeout is LLAMA_DIST_TIMEOUT. SHARD_DIM is the one table of which weight
 splits along which dimension: the checkpoint readers, resharding and the memory estimate use it
 too. With one process nothing here touches torch.distributed or fairscale.
 """
 
 import atexit
+import datetime
 import logging
 import os
 
@@ -86,7 +89,7 @@ def setup(model_parallel_size: int | None, device: torch.device) -> tuple[int, i
     if not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         log.info("initializing process group: backend=%s world_size=%d", backend, world)
-        torch.distributed.init_process_group(backend)
+        torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=collective_timeout()))
         # Without this, gloo/nccl can abort at interpreter exit ("terminate called without ...").
         atexit.register(_destroy_process_group)
     from fairscale.nn.model_parallel.initialize import (
@@ -97,6 +100,37 @@ def setup(model_parallel_size: int | None, device: torch.device) -> tuple[int, i
     if not model_parallel_is_initialized():
         initialize_model_parallel(world)
     return rank(), world
+
+
+def collective_timeout() -> float:
+    """Seconds a rank waits for the others in a collective (LLAMA_DIST_TIMEOUT, default 600)."""
+    value = os.environ.get("LLAMA_DIST_TIMEOUT", "600")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"LLAMA_DIST_TIMEOUT={value!r} must be a number of seconds > 0")
+    return seconds
+
+
+def _collective(op, *args):
+    """Run a torch.distributed collective; a rank that does not answer in time is one clear error."""
+    try:
+        return op(*args)
+    except RuntimeError as e:
+        if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
+            raise
+        raise TimeoutError(
+            f"rank {rank()}: another model-parallel rank did not answer within {collective_timeout():.0f} s "
+            "(it stopped, died or is far slower); set LLAMA_DIST_TIMEOUT to wait longer"
+        ) from None
+
+
+def patient_group():
+    """A gloo group of every rank whose collectives never time out in practice: for ranks that
+    wait on a person (the chat's next message). Every rank must call it, at the same point."""
+    return torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(days=365))
 
 
 def _destroy_process_group() -> None:
@@ -147,22 +181,25 @@ def _smaller(layer: nn.Module, dim: int, world_size: int) -> nn.Module:
 
 
 def add_collectives(model: nn.Module) -> nn.Module:
-    """Add fairscale's collectives to a sharded model (in place; after every module swap).
+    """Add the collectives to a sharded model (in place; after every module swap).
 
     The outputs of the GATHERED layers (the embedding, split by dimension; the output layer,
     split by vocabulary) are gathered; those of the other layers split by input columns (`wo`,
     `w2`) are summed over ranks. Layers split by output rows need nothing in inference: their
     inputs are whole on every rank and their outputs stay split. A no-op with one process.
     """
-    if model_parallel_size() == 1:
+    world = model_parallel_size()
+    if world == 1:
         return model
-    from fairscale.nn.model_parallel import mappings
 
     def reduce(module, inputs, output):
-        return mappings.reduce_from_model_parallel_region(output)
+        _collective(torch.distributed.all_reduce, output)  # in place: output is this layer's own
+        return output
 
     def gather(module, inputs, output):
-        return mappings.gather_from_model_parallel_region(output)
+        parts = [torch.empty_like(output) for _ in range(world)]
+        _collective(torch.distributed.all_gather, parts, output.contiguous())
+        return torch.cat(parts, dim=-1)
 
     for module in list(model.modules()):
         for name, child in module.named_children():
