@@ -10,9 +10,11 @@ too. With one process nothing here touches torch.distributed or fairscale.
 """
 
 import atexit
+import contextlib
 import datetime
 import logging
 import os
+import sys
 
 import torch
 from torch import nn
@@ -98,7 +100,8 @@ def setup(model_parallel_size: int | None, device: torch.device) -> tuple[int, i
     )
 
     if not model_parallel_is_initialized():
-        initialize_model_parallel(world)
+        with contextlib.redirect_stdout(sys.stderr):  # fairscale prints; stdout carries generated text
+            initialize_model_parallel(world)
     return rank(), world
 
 

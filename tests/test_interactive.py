@@ -152,6 +152,8 @@ def test_chat_under_torchrun_follows_rank_0(stories_tokenizer):
     two = chat_through_pty([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                             *flags], lines)
     assert two == one
-    answers = [a.strip() for a in one.split("> ")[1:] if a.strip()]
-    assert len(answers) >= 4 and "(conversation cleared)" in one
-    assert answers[0] == answers[-1]  # after /reset the first question gets the first answer again
+    blocks = [b.strip() for b in one.split("\n\n") if b.strip()]  # each answer ends with an empty line
+    assert "(conversation cleared)" in blocks[2]
+    answers = [blocks[0], blocks[1], blocks[2].removeprefix("(conversation cleared)").strip()]
+    assert all(answers) and len(blocks) == 3
+    assert answers[2] == answers[0] != answers[1]  # after /reset the first question gets the first answer
