@@ -27,13 +27,13 @@ _SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
 IGNORED_KEYS = ("rope.freqs",)
 
 
-def load_checkpoint(path: str, rank: int = 0, world_size: int = 1) -> tuple[ModelArgs, dict]:
+def load_checkpoint(path: str, rank: int = 0, world_size: int = 1, flag: str = "--ckpt_dir") -> tuple[ModelArgs, dict]:
     """Read any supported checkpoint and return (ModelArgs, state dict) for rank `rank` of `world_size`.
 
     The format is found from the files themselves (see `detect_format`). The state dict uses
     Meta's key names and holds this rank's model-parallel shard.
     """
-    return READERS[detect_format(path)](path, rank, world_size)
+    return READERS[detect_format(path, flag)](path, rank, world_size)
 
 
 def detect_format(path: str, flag: str = "--ckpt_dir") -> str:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from llama.checkpoint import detect_format, find_tokenizer, load_checkpoint
 from llama.device import DTYPES
-from llama.formats.common import new_folder
+from llama.formats.common import check_new_folder, new_folder
 from llama.formats.hf import write_hf
 from llama.formats.llama2c import write_llama2c
 from llama.formats.meta import save_shard, write_params
@@ -46,6 +46,8 @@ def convert(src: str, dst: str, to: str = "meta", model_parallel_size: int = 1,
         dtype: cast the weights ("float32", "float16", "bfloat16"); by default keep them.
     """
     dtype = _check_request(dst, to, model_parallel_size, dtype)
+    if to != "llama2c":
+        check_new_folder(dst)
     source_format = detect_format(src, flag="SRC")
     if tokenizer_path is None:
         try:
@@ -101,7 +103,7 @@ def _check_request(dst: str, to: str, model_parallel_size: int, dtype: str | Non
 def _write(src: str, dst: str, to: str, model_parallel_size: int, dtype: torch.dtype | None,
            source_format: str) -> list[str]:
     """Read src and write it to dst in format `to`; returns the files written."""
-    args, state_dict = load_checkpoint(src, 0, model_parallel_size)
+    args, state_dict = load_checkpoint(src, 0, model_parallel_size, flag="SRC")
     if is_quantized(state_dict):
         raise ValueError(f"{src!r} is a quantized checkpoint; convert reads floating-point ones: convert the "
                          "original, then quantize the result with python -m llama.quantize")

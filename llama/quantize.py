@@ -10,7 +10,7 @@ import torch
 from llama import quant
 from llama.checkpoint import find_tokenizer, load_checkpoint
 from llama.device import DTYPES
-from llama.formats.common import new_folder
+from llama.formats.common import check_new_folder, new_folder
 from llama.formats.meta import write_params
 from llama.quant import DEFAULT_GROUP_SIZE
 
@@ -29,7 +29,8 @@ def save_quantized(ckpt_dir: str, out_dir: str, mode: str, group_size: int = DEF
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; pass float32, float16 or bfloat16")
     quant.check_mode(mode, group_size)
-    args, state_dict = load_checkpoint(ckpt_dir)
+    check_new_folder(out_dir, "OUT_DIR")
+    args, state_dict = load_checkpoint(ckpt_dir, flag="CKPT_DIR")
     if quant.is_quantized(state_dict):
         raise ValueError(f"{ckpt_dir!r} is already quantized; pass a floating-point checkpoint")
     if args.vocab_size <= 0:

@@ -38,8 +38,9 @@ class Tokenizer:
         try:
             s.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise ValueError(f"the text has a lone surrogate {s[e.start]!r} at character {e.start} (not valid "
-                             "Unicode, often from a bad decode); fix the text or decode it with errors='replace'") from None
+            raise ValueError(f"the text has a lone surrogate {s[e.start]!r} at character {e.start} (not "
+                             "valid Unicode, often from a bad decode); fix the text or decode it with "
+                             "errors='replace'") from None
         t = self.sp_model.encode(s)
         if bos:
             t = [self.bos_id] + t

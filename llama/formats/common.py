@@ -62,13 +62,18 @@ def file_kind(path: str) -> str:
     return "raw"
 
 
+def check_new_folder(dst: str, flag: str = "DST") -> None:
+    """ValueError unless dst is free to write: missing, or an empty folder."""
+    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
+        raise ValueError(f"output {dst!r} already exists and is not an empty folder; choose a new {flag}")
+
+
 @contextlib.contextmanager
 def new_folder(dst: str, flag: str = "DST"):
     """A temporary folder beside dst to write a checkpoint into, renamed to dst when the block ends
     without an error (removed when it fails), so dst is never left partly written. An existing
     dst must be an empty folder: nothing is overwritten."""
-    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
-        raise ValueError(f"output {dst!r} already exists and is not an empty folder; choose a new {flag}")
+    check_new_folder(dst, flag)
     parent = os.path.dirname(os.path.abspath(dst))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(dst))}.", suffix=".partial", dir=parent)
