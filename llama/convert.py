@@ -130,12 +130,17 @@ def _write(src: str, dst: str, to: str, model_parallel_size: int, dtype: torch.d
 
 
 def cast(state_dict: dict, dtype: torch.dtype | None) -> dict:
-    """Floating tensors cast to dtype (None: unchanged); tied tensors stay tied."""
+    """Floating tensors cast to dtype (None: unchanged); tied tensors stay tied. A value the dtype
+    cannot hold (above 65504 in float16) is an error, not an inf in the output."""
     if dtype is None:
         return state_dict
     done: dict[int, torch.Tensor] = {}
     out = {}
+    limit = torch.finfo(dtype).max
     for key, t in state_dict.items():
+        if id(t) not in done and t.is_floating_point() and t.numel() and t.abs().max() > limit:
+            raise ValueError(f"{key} has values up to {t.abs().max().item():.4g}, beyond {dtype}'s range "
+                             f"({limit:.4g}); convert to --dtype bfloat16 or float32 instead")
         if id(t) not in done:
             done[id(t)] = t.to(dtype) if t.is_floating_point() else t
         out[key] = done[id(t)]

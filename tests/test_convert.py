@@ -136,3 +136,12 @@ def test_command_line(tmp_path, stories_tokenizer):
     assert bad.returncode == 1, bad.stderr
     assert bad.stderr.strip().startswith("error: ") and "model-parallel size 3" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_values_beyond_float16_are_an_error_not_inf(tmp_path):
+    from llama.convert import cast
+
+    sd = {"norm.weight": torch.tensor([1.0, 70000.0]), "output.weight": torch.ones(2, 2)}
+    with pytest.raises(ValueError, match="norm.weight has values up to 7e\\+04, beyond torch.float16's range"):
+        cast(sd, torch.float16)
+    assert cast(sd, torch.bfloat16)["norm.weight"][1].item() == 70144.0  # bf16 holds it (rounded)

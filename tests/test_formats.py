@@ -231,6 +231,32 @@ def test_file_that_is_no_checkpoint(tmp_path):
     one_line_error(e)
 
 
+def test_index_naming_files_outside_the_folder_is_refused(tmp_path):
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.copy(models_path("stories260K-hf", "model.safetensors"), outside)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    shutil.copy(models_path("stories260K-hf", "config.json"), ckpt / "config.json")
+    index = {"weight_map": {"model.norm.weight": "../elsewhere.safetensors"}}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="'../elsewhere.safetensors', which is not a file inside") as e:
+        load_checkpoint(str(ckpt))
+    one_line_error(e)
+
+
+def test_tensor_in_two_weight_files_is_refused(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    shutil.copy(models_path("stories260K-hf", "config.json"), ckpt / "config.json")
+    for name in ("a.safetensors", "b.safetensors"):
+        shutil.copy(models_path("stories260K-hf", "model.safetensors"), ckpt / name)
+    index = {"weight_map": {"model.norm.weight": "a.safetensors", "lm_head.weight": "b.safetensors"}}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="is in two weight files .*a.safetensors and b.safetensors") as e:
+        load_checkpoint(str(ckpt))
+    one_line_error(e)
+
+
 # ---------------------------------------------------------------- random checkpoints written by transformers
 
 HF_SHAPES = {

@@ -125,6 +125,12 @@ def weight_files(ckpt_dir: str) -> list[str]:
             if not isinstance(weight_map, dict):
                 raise ValueError(f"{path} has no weight_map; it is not a Hugging Face weights index")
             names = sorted(set(weight_map.values()))
+            folder = os.path.realpath(ckpt_dir)
+            outside = [n for n in names if not isinstance(n, str)
+                       or not os.path.realpath(os.path.join(folder, n)).startswith(folder + os.sep)]
+            if outside:
+                raise ValueError(f"{path} names {outside[0]!r}, which is not a file inside {ckpt_dir!r}; "
+                                 "a checkpoint's index may only name files in its own folder")
             missing = [n for n in names if not os.path.isfile(os.path.join(ckpt_dir, n))]
             if missing:
                 raise FileNotFoundError(f"{path} lists {missing[:3]}, which are not in {ckpt_dir!r}")
@@ -154,12 +160,16 @@ def read_hf(ckpt_dir: str, rank: int = 0, world_size: int = 1) -> tuple[ModelArg
     args, tied = read_config(ckpt_dir)
     check_parallel_split(args, world_size)
     heads = {"attention.wq.weight": args.n_heads // world_size, "attention.wk.weight": args.kv_heads // world_size}
-    state_dict, embeddings = {}, None
+    state_dict, embeddings, source = {}, None, {}
     for path in weight_files(ckpt_dir):
         for key, tensor in read_tensors(path).items():
             name = meta_key(key)
             if name is None or (tied and name == "output.weight"):
                 continue
+            if name in source:
+                raise ValueError(f"{key} is in two weight files of {ckpt_dir!r} ({os.path.basename(source[name])} "
+                                 f"and {os.path.basename(path)}); the checkpoint is inconsistent")
+            source[name] = path
             if name == "tok_embeddings.weight":
                 embeddings = tensor
             local = shard(name, tensor, rank, world_size)
