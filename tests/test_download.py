@@ -27,7 +27,11 @@ def md5(data: bytes) -> str:
 
 
 class Handler(BaseHTTPRequestHandler):
-    """Serves server.routes[path] = (body, kind); kind: ok, 403, html (as octet-stream), cut, cut-once."""
+    """Serves server.routes[path] = (body, kind), with an ETag and If-Range as real servers do.
+
+    kind: ok, 403, html (a web page's Content-Type), cut (half the body, then hang up), cut-once,
+    endless (no Content-Length, never ends), trickle (a byte every 0.1 s).
+    """
 
     def do_GET(self):
         path = urlsplit(self.path).path
@@ -37,21 +41,40 @@ class Handler(BaseHTTPRequestHandler):
         body, kind = self.server.routes[path]
         if kind == "403":
             return self.send_error(403, "Forbidden")
+        etag = f'"{md5(body)}"'
         start = 0
         m = re.match(r"bytes=(\d+)-", self.headers.get("Range") or "")
-        if m and int(m.group(1)) < len(body):
+        if m and self.headers.get("If-Range", etag) == etag:  # a changed file is sent whole
             start = int(m.group(1))
+            if start >= len(body):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(body)}")
+                self.send_header("Content-Length", "0")
+                return self.end_headers()
         self.send_response(206 if start else 200)
         if start:
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(len(body) - start))
+        self.send_header("Content-Type", "text/html" if kind == "html-page" else "application/octet-stream")
+        self.send_header("ETag", etag)
+        if kind != "endless":
+            self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
         if kind == "cut" or (kind == "cut-once" and not start):
             self.wfile.write(body[start : start + (len(body) - start) // 2])  # then hang up
             self.close_connection = True
-            return
-        self.wfile.write(body[start:])
+        elif kind == "endless":
+            try:
+                for _ in range(10_000):  # 640 MB at most, far past any cap a test sets
+                    self.wfile.write(b"x" * 65536)
+            except ConnectionError:  # the client gave up, as it should
+                pass
+        elif kind == "trickle":
+            for byte in body[start:]:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.1)
+        else:
+            self.wfile.write(body[start:])
 
     def log_message(self, *args):
         pass
@@ -239,3 +262,54 @@ def test_mistyped_model_name_lists_the_known_ones(tmp_path, capsys):
     assert stop.value.code == 1
     err = capsys.readouterr().err
     assert "unknown model(s) stories99M" in err and "stories260K" in err and "7B-chat" in err
+
+
+def test_endless_body_stops_at_the_cap_and_leaves_nothing(server, tmp_path):
+    server.routes["/w.pth"] = (WEIGHTS, "endless")
+    dest = tmp_path / "w.pth"
+    with pytest.raises(dl.DownloadError, match="more than the 1000000 bytes"):
+        dl.download_file(server.url + "/w.pth", str(dest), retries=0, limits=dl.Limits(max_bytes=1_000_000))
+    assert os.listdir(tmp_path) == []
+
+
+def test_trickle_is_a_stall(server, tmp_path):
+    server.routes["/w.pth"] = (WEIGHTS, "trickle")
+    start = time.time()
+    with pytest.raises(dl.DownloadError, match="stalled .*run the same command again to resume"):
+        dl.download_file(server.url + "/w.pth", str(tmp_path / "w.pth"), retries=0,
+                         limits=dl.Limits(stall_seconds=1.0, stall_bytes=1000))
+    assert time.time() - start < 10
+    assert not (tmp_path / "w.pth").exists()
+
+
+def _half_part(tmp_path, body):
+    """A .part holding the first half of body, begun from a server that gave body's ETag."""
+    (tmp_path / "w.pth.part").write_bytes(body[: len(body) // 2])
+    (tmp_path / "w.pth.part.validator").write_text(f'"{md5(body)}"')
+
+
+def test_changed_file_on_resume_starts_over(server, tmp_path):
+    old = os.urandom(300_000)
+    _half_part(tmp_path, old)
+    server.routes["/w.pth"] = (WEIGHTS, "ok")  # the file changed since
+    dl.download_file(server.url + "/w.pth", str(tmp_path / "w.pth"), md5(WEIGHTS), retries=0)
+    assert (tmp_path / "w.pth").read_bytes() == WEIGHTS  # never half old, half new
+    assert server.requests[-1] == ("/w.pth", f"bytes={len(old) // 2}-")  # asked to resume, was sent all
+
+
+def test_416_on_resume_is_not_taken_as_complete(server, tmp_path, monkeypatch):
+    monkeypatch.setattr(dl.time, "sleep", lambda s: None)
+    (tmp_path / "w.pth.part").write_bytes(WEIGHTS + b"extra")  # longer than the file
+    (tmp_path / "w.pth.part.validator").write_text(f'"{md5(WEIGHTS)}"')
+    server.routes["/w.pth"] = (WEIGHTS, "ok")
+    dl.download_file(server.url + "/w.pth", str(tmp_path / "w.pth"), md5(WEIGHTS), retries=1)
+    assert (tmp_path / "w.pth").read_bytes() == WEIGHTS
+
+
+def test_web_page_on_resume_keeps_the_part(server, tmp_path):
+    _half_part(tmp_path, WEIGHTS)
+    server.routes["/w.pth"] = (HTML, "html-page")
+    with pytest.raises(dl.DownloadError, match="web page instead of the file"):
+        dl.download_file(server.url + "/w.pth", str(tmp_path / "w.pth"), md5(WEIGHTS), retries=0)
+    assert (tmp_path / "w.pth.part").read_bytes() == WEIGHTS[: len(WEIGHTS) // 2]
+    assert not (tmp_path / "w.pth").exists()
