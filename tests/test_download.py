@@ -137,7 +137,7 @@ def test_interrupted_download_resumes(server, tmp_path):
 
 
 def test_retries_resume_within_one_call(server, tmp_path, monkeypatch):
-    monkeypatch.setattr(dl.time, "sleep", lambda s: None)
+    monkeypatch.setattr("llama.fetch.time.sleep", lambda s: None)
     server.routes["/w.pth"] = (WEIGHTS, "cut-once")
     dl.download_file(server.url + "/w.pth", str(tmp_path / "w.pth"), md5(WEIGHTS), retries=1)
     assert (tmp_path / "w.pth").read_bytes() == WEIGHTS
@@ -298,7 +298,7 @@ def test_changed_file_on_resume_starts_over(server, tmp_path):
 
 
 def test_416_on_resume_is_not_taken_as_complete(server, tmp_path, monkeypatch):
-    monkeypatch.setattr(dl.time, "sleep", lambda s: None)
+    monkeypatch.setattr("llama.fetch.time.sleep", lambda s: None)
     (tmp_path / "w.pth.part").write_bytes(WEIGHTS + b"extra")  # longer than the file
     (tmp_path / "w.pth.part.validator").write_text(f'"{md5(WEIGHTS)}"')
     server.routes["/w.pth"] = (WEIGHTS, "ok")
