@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from llama.checkpoint import detect_format, find_tokenizer, load_checkpoint
 from llama.device import DTYPES
-from llama.formats.common import check_new_folder, new_folder
+from llama.formats.common import check_new_folder, disk_error, new_folder
 from llama.formats.hf import write_hf
 from llama.formats.llama2c import write_llama2c
 from llama.formats.meta import save_shard, write_params
@@ -62,6 +62,8 @@ def convert(src: str, dst: str, to: str = "meta", model_parallel_size: int = 1,
             files = [os.path.basename(dst)]
             _write(src, tmp, to, model_parallel_size, dtype, source_format)
             os.replace(tmp, dst)
+        except (OSError, RuntimeError) as e:
+            raise disk_error(e, dst) or e from None
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)

@@ -1,7 +1,9 @@
 """Pieces every format shares: safe torch loading, rank slicing, head-split checks, file sniffing."""
 
 import contextlib
+import errno
 import os
+import resource
 import shutil
 import struct
 import tempfile
@@ -85,6 +87,33 @@ def new_folder(dst: str, flag: str = "DST"):
         if os.path.isdir(dst):
             os.rmdir(dst)  # empty, checked above
         os.rename(tmp, dst)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        disk = disk_error(e, dst)
+        if disk is None:
+            raise
+        raise disk from None
+
+
+def disk_error(e: BaseException, dst: str) -> OSError | None:
+    """The one-line error for a write that failed for want of disk (or of a file-size allowance),
+    whether the OS said so (ENOSPC, EFBIG) or a writer hid it in its own message; else None."""
+    if not isinstance(e, Exception) or isinstance(e, (ValueError, TypeError, KeyError)):
+        return None
+    errno_, text = getattr(e, "errno", None), str(e).lower()
+    parent = os.path.dirname(os.path.abspath(dst))
+    free = shutil.disk_usage(parent).free
+    if errno_ in (errno.ENOSPC, errno.EDQUOT) or "no space left" in text or free < 2**20:
+        return _os_error(errno.ENOSPC, f"no space left on the disk of {dst!r} ({free / 1e9:.2f} GB free); "
+                         "free some space or write elsewhere; nothing was written")
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if errno_ == errno.EFBIG or "file too large" in text or limit != resource.RLIM_INFINITY:
+        return _os_error(errno.EFBIG, f"file too large for {dst!r} (a file-size limit, ulimit -f, or the "
+                         "file system's); raise the limit or write elsewhere; nothing was written")
+    return None
+
+
+def _os_error(code: int, message: str) -> OSError:
+    e = OSError(message)  # str(e) is the message alone, without "[Errno N]"
+    e.errno = code
+    return e
