@@ -25,6 +25,8 @@ StopCheck = Callable[[int, Row], bool]
 
 def check_prompts(prompt_tokens: list[list[int]], max_gen_len: int, max_seq_len: int, vocab_size: int) -> None:
     """Raise ValueError for an empty batch, an empty, too long or out-of-vocabulary prompt."""
+    if not isinstance(prompt_tokens, (list, tuple)) or not all(isinstance(p, (list, tuple)) for p in prompt_tokens):
+        raise TypeError("prompt_tokens must be a list of lists of token ids, one list per prompt")
     if not prompt_tokens:
         raise ValueError("no prompts given")
     for i, p in enumerate(prompt_tokens):

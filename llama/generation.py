@@ -181,6 +181,9 @@ class Llama:
         """
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings; for one prompt pass [prompt]")
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompts must be a list of strings, not {type(prompts).__name__} "
+                            f"{str(prompts)[:40]!r}")
         return self._complete([self.tokenizer.encode(x, bos=True, eos=False) for x in prompts], options)
 
     @takes_options(GenerationOptions, META_OPTIONS[:4], EXTRA_OPTIONS)
