@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Download Llama 2 with the signed URL from Meta's email (the same files and folders as Meta's
-# download.sh). Each file goes to NAME.part, resumes after an interruption (wget -c or curl -C -),
-# is checked (an HTML/XML error page instead of the file, md5 from Meta's checklists with md5sum
-# on Linux or md5 -r on macOS) and only then renamed to NAME.
+# download.sh). Each file goes to NAME.part, resumes after an interruption (wget -c or curl -C -)
+# only while the server reports the same file (ETag/Last-Modified), stops on a stall, an overall
+# deadline or more bytes than the file can have, is checked (its announced size, an HTML/XML
+# error page instead of the file, md5 from Meta's checklists with md5sum on Linux or md5 -r on
+# macOS) and only then renamed to NAME. Signed URLs are never printed.
 #   TARGET_FOLDER=/data/llama ./download.sh      (DOWNLOADER=curl to prefer curl over wget)
 # `llama download` does the same in Python.
 
@@ -34,6 +36,55 @@ else
     die "neither md5sum nor md5 is installed, so downloads cannot be verified"
 fi
 
+# Limits, as in llama/fetch.py: a stall (fewer than STALL_BYTES in STALL_SECONDS), an overall
+# deadline, and a byte cap where the server does not announce the size.
+STALL_SECONDS="${STALL_SECONDS:-120}"
+STALL_BYTES="${STALL_BYTES:-65536}"
+DEADLINE_SECONDS="${DEADLINE_SECONDS:-86400}"
+MAX_BYTES="${MAX_BYTES:-68719476736}"
+SMALL_FILE_BYTES=16777216
+
+size_of() { if [[ -f "$1" ]]; then wc -c < "$1" | tr -d ' '; else echo 0; fi; }
+
+# probe URL: "STATUS LENGTH VALIDATOR TYPE" from a HEAD request (fields "-" when the server gives none).
+probe() {
+    local headers
+    if [[ "$DOWNLOADER" == wget ]]; then
+        headers="$(wget -q -S --spider "$1" 2>&1 || true)"
+    else
+        headers="$(curl -sSI "$1" 2>/dev/null || true)"
+    fi
+    headers="$(printf '%s\n' "$headers" | tr -d '\r' | sed 's/^ *//')"
+    local status length validator type
+    status="$(printf '%s\n' "$headers" | awk '$1 ~ /^HTTP\// {v = $2} END {print (v == "" ? "-" : v)}')"
+    if [[ "$status" != 2* ]]; then  # no answer to HEAD to go by (some servers refuse it): GET decides
+        echo "$status - - -"; return
+    fi
+    length="$(printf '%s\n' "$headers" | awk 'tolower($1) == "content-length:" {v = $2} END {print (v == "" ? "-" : v)}')"
+    validator="$(printf '%s\n' "$headers" | awk 'tolower($1) == "etag:" {sub(/^[^:]*: */, ""); v = $0}
+        tolower($1) == "last-modified:" && v == "" {sub(/^[^:]*: */, ""); v = $0} END {print (v == "" ? "-" : v)}')"
+    type="$(printf '%s\n' "$headers" | awk 'tolower($1) == "content-type:" {v = tolower($2)} END {print (v == "" ? "-" : v)}')"
+    echo "$status $length ${validator// /_} $type"
+}
+
+# watch PID PART CAP: stop the download PID if PART stalls, outgrows CAP or runs past the deadline.
+watch() {
+    local pid="$1" part="$2" cap="$3" start=$SECONDS window=$SECONDS had
+    had="$(size_of "$part")"
+    while kill -0 "$pid" 2>/dev/null; do
+        sleep 1
+        local now=$SECONDS size
+        size="$(size_of "$part")"
+        if (( size > cap )); then kill "$pid" 2>/dev/null; echo cap; return; fi
+        if (( now - start > DEADLINE_SECONDS )); then kill "$pid" 2>/dev/null; echo deadline; return; fi
+        if (( now - window >= STALL_SECONDS )); then
+            if (( size - had < STALL_BYTES )); then kill "$pid" 2>/dev/null; echo stall; return; fi
+            window=$now; had=$size
+        fi
+    done
+    echo ok
+}
+
 # fetch PATH [CHECKLIST]: download ${TARGET_FOLDER}/PATH, verified against CHECKLIST when given.
 fetch() {
     local path="$1" checklist="${2:-}" dest="$TARGET_FOLDER/$1" url="${PRESIGNED_URL/'*'/$1}"
@@ -51,34 +102,73 @@ fetch() {
         rm -f "$dest"
     fi
     mkdir -p "$(dirname "$dest")"
-    echo "Downloading $path"
-    local rc=0
-    if [[ "$DOWNLOADER" == wget ]]; then
-        wget --continue --no-verbose --show-progress -O "$dest.part" "$url" || rc=$?
-    else
-        curl --fail --location --continue-at - --progress-bar -o "$dest.part" "$url" || rc=$?
+    local status length validator type
+    read -r status length validator type <<< "$(probe "$url")"
+    if [[ "$status" == 401 || "$status" == 403 ]]; then
+        die "the server refused $path (HTTP $status: the URL has expired or was not copied whole); $NEW_URL"
     fi
+    if [[ "$type" == *html* ]]; then  # the .part, if any, stays as it is
+        die "the server sent a web page instead of $path (the URL has probably expired); $NEW_URL"
+    fi
+    # Resume only a .part of the same file: the server's ETag/Last-Modified as when it began.
+    if [[ -f "$dest.part" && ( "$validator" == "-" || "$(cat "$dest.part.validator" 2>/dev/null)" != "$validator" ) ]]; then
+        echo "$path changed on the server (or cannot be checked) since the partial download; starting over"
+        rm -f "$dest.part"
+    fi
+    echo "$validator" > "$dest.part.validator"
+    local cap="$MAX_BYTES"
+    [[ "$name" == *.chk || "$name" == *.json || "$name" == *.md || "$name" == LICENSE ]] && cap=$SMALL_FILE_BYTES
+    [[ "$length" != "-" ]] && cap="$length"
+    echo "Downloading $path"
+    local rc=0 pid verdict
+    if [[ "$(size_of "$dest.part")" -ge "$cap" && "$length" != "-" ]]; then
+        rc=0; verdict=ok  # nothing left to fetch; the size is checked below
+    else
+        if [[ "$DOWNLOADER" == wget ]]; then
+            wget --continue -q --show-progress --read-timeout="$STALL_SECONDS" -O "$dest.part" "$url" &
+        else
+            curl -sS --fail --location --continue-at - --progress-bar \
+                --speed-limit "$(( STALL_BYTES / STALL_SECONDS + 1 ))" --speed-time "$STALL_SECONDS" \
+                -o "$dest.part" "$url" &
+        fi
+        pid=$!
+        verdict="$(watch "$pid" "$dest.part" "$cap")"
+        wait "$pid" || rc=$?
+    fi
+    case "$verdict" in
+        cap) rm -f "$dest.part" "$dest.part.validator"
+             die "the server sent more than the $cap bytes $path can have; the download was deleted, check the URL" ;;
+        deadline) die "$path did not finish within $DEADLINE_SECONDS s; run this script again to resume" ;;
+        stall) die "the download of $path stalled; run this script again to resume" ;;
+    esac
     if [[ $rc -ne 0 ]]; then
         # wget exits 8 and curl 22 on an HTTP error: for a signed URL almost always 403 Forbidden.
         if [[ ($DOWNLOADER == wget && $rc -eq 8) || ($DOWNLOADER == curl && $rc -eq 22) ]]; then
-            [[ -s "$dest.part" ]] || rm -f "$dest.part"
+            [[ -s "$dest.part" ]] || rm -f "$dest.part" "$dest.part.validator"
             die "the server refused $path (HTTP error, usually 403: the URL has expired or was not copied whole); $NEW_URL"
         fi
         die "the download of $path stopped ($DOWNLOADER exit $rc); run this script again to resume"
     fi
+    local got
+    got="$(size_of "$dest.part")"
+    if [[ "$length" != "-" && "$got" -ne "$length" ]]; then
+        (( got > length )) && rm -f "$dest.part" "$dest.part.validator"
+        die "$path has $got of its $length bytes; run this script again to resume"
+    fi
     if head -c 512 "$dest.part" | LC_ALL=C grep -qiE '<!doctype html|<html|<\?xml'; then
-        rm -f "$dest.part"
+        rm -f "$dest.part" "$dest.part.validator"  # the file holds the error page alone
         die "the server sent an error page instead of $path (the URL has probably expired); $NEW_URL"
     fi
     if [[ -n "$expected" ]]; then
         local actual
         actual="$(md5_of "$dest.part")"
         if [[ "$actual" != "$expected" ]]; then
-            rm -f "$dest.part"
+            rm -f "$dest.part" "$dest.part.validator"
             die "$path: md5 mismatch (expected $expected, got $actual); the download was deleted, run again"
         fi
     fi
     mv -f "$dest.part" "$dest"
+    rm -f "$dest.part.validator"
 }
 
 # checklist PATH: download a fresh md5 checklist (an old one may be an error page) and check it.

@@ -76,6 +76,20 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self.wfile.write(body[start:])
 
+    def do_HEAD(self):
+        path = urlsplit(self.path).path
+        if path not in self.server.routes:
+            return self.send_error(404)
+        body, kind = self.server.routes[path]
+        if kind == "403":
+            return self.send_error(403, "Forbidden")
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html" if kind == "html-page" else "application/octet-stream")
+        self.send_header("ETag", f'"{md5(body)}"')
+        if kind != "endless":
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+
     def log_message(self, *args):
         pass
 
@@ -201,30 +215,72 @@ def test_stories_by_name(server, tmp_path):
                             tokenizer_url=server.url + "/bad-tokenizer.model")
 
 
+def run_download_sh(url, tmp_path, downloader, **env):
+    return subprocess.run(["bash", str(REPO / "download.sh")], input=f"{url}\n7B\n", text=True,
+                          capture_output=True, timeout=60,
+                          env={**os.environ, "TARGET_FOLDER": str(tmp_path), "DOWNLOADER": downloader, **env})
+
+
 @pytest.mark.parametrize("downloader", ["wget", "curl"])
 def test_download_sh(server, tmp_path, downloader):
     if shutil.which(downloader) is None or shutil.which("md5sum") is None:
         pytest.skip(f"{downloader} or md5sum is not installed")
     url = meta_release(server)
-
-    def run():
-        return subprocess.run(["bash", str(REPO / "download.sh")], input=f"{url}\n7B\n", text=True,
-                              capture_output=True, timeout=60,
-                              env={**os.environ, "TARGET_FOLDER": str(tmp_path), "DOWNLOADER": downloader})
-
-    proc = run()
+    proc = run_download_sh(url, tmp_path, downloader)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "llama-2-7b" / "consolidated.00.pth").read_bytes() == WEIGHTS
     assert "7B: verified" in proc.stdout
+    assert "Signature" not in proc.stdout + proc.stderr  # a signed URL's query is a credential
     # An expired URL: 403, or an error page served as the weights, stops with a clear message.
     os.remove(tmp_path / "llama-2-7b" / "consolidated.00.pth")
     for body, kind, message in [(WEIGHTS, "403", "403"), (XML, "html", "error page"),
                                 (WEIGHTS[:-1] + b"x", "ok", "md5 mismatch")]:
         server.routes["/llama-2-7b/consolidated.00.pth"] = (body, kind)
-        proc = run()
+        proc = run_download_sh(url, tmp_path, downloader)
         assert proc.returncode != 0
         assert message in proc.stderr and ("new URL" in proc.stderr or "run again" in proc.stderr)
         assert no_valid_looking_file(tmp_path / "llama-2-7b" / "consolidated.00.pth")
+
+
+@pytest.mark.parametrize("downloader", ["wget", "curl"])
+def test_download_sh_hostile_servers(server, tmp_path, downloader):
+    """The cases of the Python downloader, through download.sh: no file under the final name but a
+    verified one, a .part kept where resuming makes sense, one line saying what happened."""
+    if shutil.which(downloader) is None or shutil.which("md5sum") is None:
+        pytest.skip(f"{downloader} or md5sum is not installed")
+    url = meta_release(server)
+    shard = tmp_path / "llama-2-7b" / "consolidated.00.pth"
+    part = tmp_path / "llama-2-7b" / "consolidated.00.pth.part"
+
+    server.routes["/llama-2-7b/consolidated.00.pth"] = (WEIGHTS, "endless")
+    proc = run_download_sh(url, tmp_path, downloader, MAX_BYTES="1000000")
+    assert proc.returncode == 1 and "more than the 1000000 bytes" in proc.stderr, proc.stderr
+    assert no_valid_looking_file(shard) and not part.exists()
+
+    server.routes["/llama-2-7b/consolidated.00.pth"] = (WEIGHTS, "trickle")
+    proc = run_download_sh(url, tmp_path, downloader, STALL_SECONDS="2", STALL_BYTES="1000")
+    assert proc.returncode == 1 and "stalled" in proc.stderr, proc.stderr
+    assert no_valid_looking_file(shard)
+
+    part.write_bytes(os.urandom(1000))  # begun from a file that has changed since
+    (tmp_path / "llama-2-7b" / "consolidated.00.pth.part.validator").write_text('"old"')
+    server.routes["/llama-2-7b/consolidated.00.pth"] = (WEIGHTS, "ok")
+    proc = run_download_sh(url, tmp_path, downloader)
+    assert proc.returncode == 0, proc.stderr
+    assert shard.read_bytes() == WEIGHTS and "starting over" in proc.stdout
+
+    os.remove(shard)
+    part.write_bytes(WEIGHTS[:1000])
+    (tmp_path / "llama-2-7b" / "consolidated.00.pth.part.validator").write_text(f'"{md5(WEIGHTS)}"')
+    server.routes["/llama-2-7b/consolidated.00.pth"] = (HTML, "html-page")
+    proc = run_download_sh(url, tmp_path, downloader)
+    assert proc.returncode == 1 and "web page" in proc.stderr, proc.stderr
+    assert part.read_bytes() == WEIGHTS[:1000]  # a web page never deletes the partial download
+    server.routes["/llama-2-7b/consolidated.00.pth"] = (WEIGHTS, "ok")
+    proc = run_download_sh(url, tmp_path, downloader)
+    assert proc.returncode == 0 and shard.read_bytes() == WEIGHTS, proc.stderr  # resumed, verified
+    shard_gets = [r for p, r in server.requests if p == "/llama-2-7b/consolidated.00.pth"]
+    assert shard_gets[-1] == "bytes=1000-", server.requests
 
 
 def test_llama_download_command(server, tmp_path, monkeypatch, capsys):
