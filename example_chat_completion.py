@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     errors = {}
     for i, dialog in enumerate(dialogs):
         try:
-            check_dialog(dialog)
+            check_dialog(dialog, generator.tokenizer)
         except ValueError as e:
             errors[i] = f"Error: {e}"
     valid = [d for i, d in enumerate(dialogs) if i not in errors]

@@ -38,7 +38,7 @@ def save_quantized(ckpt_dir: str, out_dir: str, mode: str, group_size: int = DEF
         tokenizer = find_tokenizer(ckpt_dir)
     except ValueError:
         tokenizer = None
-        log.warning("no tokenizer.model beside %s; pass --tokenizer_path when loading %s", ckpt_dir, out_dir)
+        log.warning("no tokenizer beside %s; pass --tokenizer_path when loading %s", ckpt_dir, out_dir)
     with new_folder(out_dir, "OUT_DIR") as tmp:
         quantized = quant.quantize_state_dict(state_dict, mode, group_size, DTYPES[dtype], "cpu")
         write_params(args, tmp)

@@ -12,6 +12,7 @@ import torch
 from llama.model import ModelArgs
 
 DEFAULT_ROPE_THETA = 10000.0
+ROPE_KEYS = ("rope_scaling_factor", "rope_high_freq_factor", "rope_low_freq_factor", "rope_original_context")
 
 
 def ffn_params(args: ModelArgs) -> dict:
@@ -39,6 +40,13 @@ def meta_params(args: ModelArgs) -> dict:
     params["norm_eps"] = args.norm_eps
     if args.rope_theta != DEFAULT_ROPE_THETA:
         params["rope_theta"] = args.rope_theta
+    if args.use_scaled_rope:
+        params["use_scaled_rope"] = True
+        # Only values that differ from Meta's reference (Llama 3.2's factor 32, say); Meta's later
+        # code reads the two factors, and only this project's loader the other two.
+        for key in ROPE_KEYS:
+            if getattr(args, key) is not None:
+                params[key] = getattr(args, key)
     params["vocab_size"] = args.vocab_size
     return params
 
