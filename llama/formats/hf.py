@@ -84,15 +84,17 @@ def to_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return pairs.transpose(1, 2).reshape(rows, cols)  # (heads * 2 * d/2, in)
 
 
-def rope_fields(rope: dict, path: str) -> dict:
+def rope_fields(rope: dict, context: int | None, path: str) -> dict:
     """ModelArgs fields of a config's rope_scaling / rope_parameters: none for plain RoPE, the
-    Llama 3 scaling fields for type "llama3"; ValueError for any other type."""
+    Llama 3 scaling fields for type "llama3" (whose original context is max_position_embeddings,
+    `context`, when not given, as in transformers); ValueError for any other type."""
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type == "default":
         return {}
     if rope_type != "llama3":
         raise ValueError(f"{path} uses RoPE scaling {rope_type!r}; only plain RoPE and Llama 3's 'llama3' "
                          "scaling are supported")
+    rope = {"original_max_position_embeddings": context, **rope}
     try:
         fields = {key: rope[name] for name, key in HF_ROPE_KEYS.items()}
     except KeyError as e:
@@ -131,7 +133,7 @@ def read_config(ckpt_dir: str) -> ModelArgs:
             max_seq_len=cfg.get("max_position_embeddings", 2048),
             hidden_dim=cfg["intermediate_size"],
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            **rope_fields(rope, path),
+            **rope_fields(rope, cfg.get("max_position_embeddings"), path),
         )
     except KeyError as e:
         raise ValueError(f"{path} has no {e.args[0]!r}; it is not a complete Llama config") from None

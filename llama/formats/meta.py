@@ -12,6 +12,10 @@ import torch
 from llama.model import ModelArgs
 
 DEFAULT_ROPE_THETA = 10000.0
+# (ffn_dim_multiplier, multiple_of) of Meta's releases: Llama 3.2 1B, 70B (and Llama 2 70B), 3 8B,
+# 3.1 405B; tried first when a width must be expressed in Meta's keys, so that their params.json
+# round-trips through Hugging Face's intermediate_size.
+META_FFN = ((1.5, 256), (1.3, 4096), (1.3, 1024), (1.2, 4096))
 ROPE_KEYS = ("rope_scaling_factor", "rope_high_freq_factor", "rope_low_freq_factor", "rope_original_context")
 
 
@@ -21,7 +25,9 @@ def ffn_params(args: ModelArgs) -> dict:
         out = {"multiple_of": args.multiple_of}
         return out if args.ffn_dim_multiplier is None else {**out, "ffn_dim_multiplier": args.ffn_dim_multiplier}
     hidden, base = args.hidden_dim, int(2 * (4 * args.dim) / 3)
-    candidates = [{"multiple_of": args.multiple_of}] + [{"multiple_of": 2**k} for k in range(12, -1, -1)]
+    candidates = ([{"multiple_of": args.multiple_of}]
+                  + [{"ffn_dim_multiplier": m, "multiple_of": k} for m, k in META_FFN]
+                  + [{"multiple_of": 2**k} for k in range(12, -1, -1)])
     # Rounding up to multiple_of = hidden gives hidden for any width in 1..hidden.
     candidates.append({"multiple_of": hidden} if hidden >= base else
                       {"multiple_of": hidden, "ffn_dim_multiplier": hidden / base})
