@@ -187,6 +187,7 @@ def llama3_meta_ckpt(tmp_path_factory, llama3_tokenizer) -> str:
 def llama32_hf(tmp_path_factory, llama3_tokenizer_json):
     """(folder, model): LLAMA32_CONFIG as a transformers LlamaForCausalLM with random weights, saved
     by transformers in bf16 with only tokenizer.json beside it; the model stays in fp32."""
+    import copy
     import shutil
 
     import torch
@@ -198,7 +199,7 @@ def llama32_hf(tmp_path_factory, llama3_tokenizer_json):
     model.load_state_dict(random_llama_weights(shapes, seed=1), strict=False)  # lm_head is tied
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     path = tmp_path_factory.mktemp("llama32") / "Llama-3.2-tiny-hf"
-    model.to(torch.bfloat16).save_pretrained(path)
-    model.float()
+    # A bf16 copy is saved: converting the model itself would round its fp32 RoPE buffer too.
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(path)
     shutil.copyfile(llama3_tokenizer_json, path / "tokenizer.json")
     return str(path), model
