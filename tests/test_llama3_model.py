@@ -128,3 +128,27 @@ def test_bad_hf_rope_scaling_is_one_clear_line(tmp_path, rope, match):
     with pytest.raises(ValueError, match=match) as e:
         load_checkpoint(str(tmp_path))
     assert "config.json" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_meta_checkpoint_converted_to_hf_runs_in_transformers(tmp_path, llama3_meta_ckpt, meta_logits):
+    """The q/k permutation with GQA and the scaling written to config.json, as transformers reads them."""
+    from transformers import LlamaForCausalLM
+
+    from llama.convert import convert
+
+    convert(llama3_meta_ckpt, str(tmp_path / "hf"), to="hf")
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(model(tokens_for_test(0)).logits[0], meta_logits, **TOL)
+
+
+def test_hf_checkpoint_converted_to_meta_keeps_factor_32(tmp_path, llama32_hf):
+    from llama.convert import convert
+
+    folder, reference = llama32_hf
+    convert(folder, str(tmp_path / "meta"), to="meta")
+    llama = Llama.build(str(tmp_path / "meta"), max_seq_len=N_POSITIONS, max_batch_size=1, device="cpu",
+                        dtype="float32")
+    tokens = tokens_for_test(1)
+    with torch.inference_mode():
+        torch.testing.assert_close(llama.model(tokens, 0)[0], reference(tokens).logits[0], **TOL)
