@@ -23,7 +23,7 @@ from llama.formats.hf import write_hf
 from llama.formats.llama2c import write_llama2c
 from llama.formats.meta import save_shard, write_params
 from llama.quant import is_quantized
-from llama.tokenizer import Tokenizer, tokenizer_kind
+from llama.tokenizer import Tokenizer, file_name
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def _copy_tokenizer(tokenizer_path: str | None, folder: str) -> list[str]:
     """Copy the tokenizer as tokenizer.model, or as tokenizer.json when it is one."""
     if tokenizer_path is None:
         return []
-    name = "tokenizer.json" if tokenizer_kind(tokenizer_path) == "tokenizer.json" else "tokenizer.model"
+    name = file_name(tokenizer_path)
     if os.path.exists(os.path.join(folder, name)):
         log.warning("left the %s already in %s as it is", name, folder)
         return []

@@ -31,6 +31,11 @@ def tokenizer_kind(path: str) -> str:
     return "sentencepiece"
 
 
+def file_name(path: str) -> str:
+    """The name a tokenizer file goes by beside a checkpoint: tokenizer.json or tokenizer.model."""
+    return "tokenizer.json" if tokenizer_kind(path) == "tokenizer.json" else "tokenizer.model"
+
+
 class SentencePieceModel:
     """Llama 2's sentencepiece tokenizer.model."""
 
