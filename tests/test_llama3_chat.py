@@ -107,3 +107,21 @@ def test_generate_stops_at_every_stop_token(llama3):
         finally:
             handle.remove()
         assert len(tokens[0]) == 1 and stop_id not in tokens[0]
+
+
+def test_ragged_batch_logprobs_echo_streaming_and_stop_strings(llama3):
+    """What works for Llama 2 works with the Llama 3 tokenizer and vocabulary."""
+    prompts = ["The capital of France is", "Hi"]
+    batch = llama3.text_completion(prompts, max_gen_len=8, temperature=0, logprobs=True)
+    for prompt, row in zip(prompts, batch):
+        alone = llama3.text_completion([prompt], max_gen_len=8, temperature=0, logprobs=True)[0]
+        assert alone["tokens"] == row["tokens"] and len(row["tokens"]) == 8
+        assert max(abs(a - b) for a, b in zip(alone["logprobs"], row["logprobs"])) < 1e-4  # fp32 order noise
+        assert "".join(llama3.stream_text_completion(prompt, max_gen_len=8, temperature=0)) == row["generation"]
+    prompt_tokens = llama3.tokenizer.encode(prompts[0], bos=True, eos=False)
+    tokens, logprobs = llama3.generate([prompt_tokens], max_gen_len=4, temperature=0, logprobs=True, echo=True)
+    assert tokens[0][: len(prompt_tokens)] == prompt_tokens and len(logprobs[0]) == len(prompt_tokens) + 4
+    text = batch[0]["generation"]
+    stop = text[len(text) // 2 :][:3]
+    cut = llama3.text_completion(prompts[:1], max_gen_len=8, temperature=0, stop=[stop])[0]["generation"]
+    assert cut == text[: text.index(stop)]
