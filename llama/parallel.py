@@ -139,7 +139,8 @@ def check_split(n_heads: int, n_kv_heads: int, world_size: int) -> None:
         sizes = [m for m in range(1, n_heads + 1) if can_split(n_heads, n_kv_heads, m)]
         raise ValueError(
             f"n_heads={n_heads} must be divisible by the model-parallel size {world_size}, and "
-            f"n_kv_heads={n_kv_heads} divisible by it or a divisor of it; run with --nproc_per_node "
+            f"n_kv_heads={n_kv_heads} divisible by it or a divisor of it (kv heads are then copied); "
+            f"run with --nproc_per_node "
             f"(or convert --model_parallel_size) among {sizes}"
         )
 

@@ -4,6 +4,7 @@ the RoPE scaling (factor 8 as Meta's default, 32 as Llama 3.2's) and the tied em
 import json
 import os
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -50,3 +51,9 @@ def test_hf_meta_hf_keeps_factor_32_and_tied_embeddings(tmp_path, llama32_hf):
     original, again = load_file(os.path.join(folder, "model.safetensors")), load_file(back / "model.safetensors")
     assert original.keys() == again.keys() and "lm_head.weight" not in again
     assert all(torch.equal(original[k], again[k]) for k in original)
+
+
+def test_llama3_to_llama2c_is_refused_not_silently_wrong(tmp_path, llama3_meta_ckpt):
+    with pytest.raises(ValueError, match="no RoPE settings.*rope_theta=500000.0, scaled RoPE.*--to meta"):
+        convert(llama3_meta_ckpt, str(tmp_path / "m.bin"), to="llama2c")
+    assert not list(tmp_path.iterdir())

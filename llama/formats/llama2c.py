@@ -132,6 +132,10 @@ def read_llama2c(path: str, rank: int = 0, world_size: int = 1) -> tuple[ModelAr
 
 def write_llama2c(args: ModelArgs, state_dict: dict, path: str, progress=None) -> str:
     """Write full tensors as a llama2.c version-1 fp32 file (what run.c reads); returns its name."""
+    if args.rope_theta != 10000.0 or args.use_scaled_rope:
+        scaled = ", scaled RoPE" if args.use_scaled_rope else ""
+        raise ValueError(f"llama2.c files hold no RoPE settings, and this model has rope_theta={args.rope_theta}"
+                         f"{scaled}; convert it with --to meta or --to hf")
     shared = torch.equal(state_dict["output.weight"], state_dict["tok_embeddings.weight"])
     ints = (args.dim, args.ffn_hidden_dim, args.n_layers, args.n_heads, args.kv_heads, args.vocab_size,
             args.max_seq_len)
