@@ -25,16 +25,22 @@ def tok(llama3_tokenizer):
     return Tokenizer(llama3_tokenizer)
 
 
+@pytest.fixture(scope="module")
+def tok_json(llama3_tokenizer_json):
+    return Tokenizer(llama3_tokenizer_json)
+
+
 @pytest.mark.parametrize("i", range(len(DIALOGS)))
-def test_encode_dialog_equals_meta_chat_format(tok, llama3_reference_tokenizer, i):
+def test_encode_dialog_equals_meta_chat_format(tok, tok_json, llama3_reference_tokenizer, i):
     from llama_models.datatypes import RawMessage
     from llama_models.llama3.chat_format import ChatFormat
 
     dialog = DIALOGS[i]
     expected = ChatFormat(llama3_reference_tokenizer).encode_dialog_prompt(
         [RawMessage(role=m["role"], content=m["content"]) for m in dialog]).tokens
-    assert chat_format(tok) == "llama3"
+    assert chat_format(tok) == chat_format(tok_json) == "llama3"
     assert encode_dialog(tok, dialog) == expected
+    assert encode_dialog(tok_json, dialog) == expected  # the same template from a tokenizer.json
 
 
 def test_special_token_text_in_a_message_cannot_end_the_turn(tok):

@@ -58,6 +58,13 @@ def meta_logits(llama3_meta_ckpt):
         return model(tokens_for_test(0), 0)[0]  # (positions, vocab)
 
 
+@pytest.fixture(scope="module")
+def hf_logits(llama32_hf):
+    """transformers' LlamaForCausalLM on the tied, factor-32 model, fp32, all positions."""
+    with torch.inference_mode():
+        return llama32_hf[1](tokens_for_test(1)).logits[0]  # (positions, vocab)
+
+
 def test_meta_layout_llama31_equals_meta_reference(llama3_meta_ckpt, meta_logits):
     llama = Llama.build(llama3_meta_ckpt, max_seq_len=N_POSITIONS, max_batch_size=1, device="cpu", dtype="float32")
     assert llama.model.params.rope_scaling == LLAMA3_ROPE_SCALING
@@ -71,8 +78,8 @@ def test_meta_layout_llama31_equals_meta_reference(llama3_meta_ckpt, meta_logits
     assert (plain - meta_logits)[700:].abs().max() > 100 * TOL["atol"]
 
 
-def test_hf_llama32_tied_factor_32_equals_transformers(llama32_hf):
-    folder, reference = llama32_hf
+def test_hf_llama32_tied_factor_32_equals_transformers(llama32_hf, hf_logits):
+    folder = llama32_hf[0]
     files = set(os.listdir(folder))
     assert "tokenizer.json" in files and "tokenizer.model" not in files
     llama = Llama.build(folder, max_seq_len=N_POSITIONS, max_batch_size=1, device="cpu", dtype="float32")
@@ -80,10 +87,8 @@ def test_hf_llama32_tied_factor_32_equals_transformers(llama32_hf):
     params = llama.model.params
     assert params.tie_word_embeddings and params.rope_scaling == (32.0, 1.0, 4.0, 8192)
     assert llama.model.output.weight.data_ptr() == llama.model.tok_embeddings.weight.data_ptr()  # one copy
-    tokens = tokens_for_test(1)
     with torch.inference_mode():
-        expected = reference(tokens).logits[0]
-        torch.testing.assert_close(llama.model(tokens, 0)[0], expected, **TOL)
+        torch.testing.assert_close(llama.model(tokens_for_test(1), 0)[0], hf_logits, **TOL)
 
 
 def test_scaled_frequencies_equal_transformers():
@@ -142,13 +147,11 @@ def test_meta_checkpoint_converted_to_hf_runs_in_transformers(tmp_path, llama3_m
         torch.testing.assert_close(model(tokens_for_test(0)).logits[0], meta_logits, **TOL)
 
 
-def test_hf_checkpoint_converted_to_meta_keeps_factor_32(tmp_path, llama32_hf):
+def test_hf_checkpoint_converted_to_meta_keeps_factor_32(tmp_path, llama32_hf, hf_logits):
     from llama.convert import convert
 
-    folder, reference = llama32_hf
-    convert(folder, str(tmp_path / "meta"), to="meta")
+    convert(llama32_hf[0], str(tmp_path / "meta"), to="meta")
     llama = Llama.build(str(tmp_path / "meta"), max_seq_len=N_POSITIONS, max_batch_size=1, device="cpu",
                         dtype="float32")
-    tokens = tokens_for_test(1)
     with torch.inference_mode():
-        torch.testing.assert_close(llama.model(tokens, 0)[0], reference(tokens).logits[0], **TOL)
+        torch.testing.assert_close(llama.model(tokens_for_test(1), 0)[0], hf_logits, **TOL)
