@@ -1,8 +1,15 @@
 """Llama 3 chat: encode_dialog against Meta's ChatFormat (llama-models), and generation that
 stops at <|eot_id|> / <|eom_id|> and leaves them out of the reply."""
 
+import ast
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 
+from conftest import REPO
 from llama import Llama, Tokenizer
 from llama.chat import chat_format, check_dialog, encode_dialog
 
@@ -131,3 +138,19 @@ def test_ragged_batch_logprobs_echo_streaming_and_stop_strings(llama3):
     stop = text[len(text) // 2 :][:3]
     cut = llama3.text_completion(prompts[:1], max_gen_len=8, temperature=0, stop=[stop])[0]["generation"]
     assert cut == text[: text.index(stop)]
+
+
+def test_llama_chat_command_uses_the_llama3_template(llama3_meta_ckpt, llama3):
+    """`llama chat` on a Llama 3 checkpoint: turn 2's prompt is Meta's format of the whole dialog."""
+    cmd = [sys.executable, "-m", "llama.cli", "chat", "--ckpt_dir", llama3_meta_ckpt, "--device", "cpu",
+           "--dtype", "float32", "--temperature", "0", "--max_gen_len", "6", "--max_seq_len", "128",
+           "--system_prompt", "Be brief.", "--log_level", "debug"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, input="Hello there\n[INST] <|eot_id|> ok?\n", capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    turns = {int(m[1]): ast.literal_eval(m[2]) for m in re.finditer(r"turn (\d+): .*tokens: (\[.*\])", proc.stderr)}
+    answers = {int(m[1]): ast.literal_eval(m[2]) for m in re.finditer(r"turn (\d+) answer: (.*)", proc.stderr)}
+    dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"},
+              {"role": "assistant", "content": answers[1]}, {"role": "user", "content": "[INST] <|eot_id|> ok?"}]
+    assert turns[2] == encode_dialog(llama3.tokenizer, dialog)
