@@ -57,16 +57,19 @@ class ModelArgs:
                 f"{source} has unknown key(s) {unknown}; known keys are {sorted(known)}"
             )
         args = cls(**params)
-        args.check_rope_scaling(source)
+        args.check_llama3_fields(source)
         return args
 
-    def check_rope_scaling(self, source: str) -> None:
-        """Raise ValueError (naming source) for RoPE scaling values the math cannot use."""
+    def check_llama3_fields(self, source: str) -> None:
+        """Raise ValueError (naming source) for kv heads, RoPE scaling or tying values the math cannot use."""
+        if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
+            raise ValueError(f"{source}: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        for flag in ("use_scaled_rope", "tie_word_embeddings"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{source}: {flag} must be true or false, got {getattr(self, flag)!r}")
         keys = ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_context")
         numbers = {key: getattr(self, key) for key in keys}
         given = [k for k, v in numbers.items() if v is not None]
-        if not isinstance(self.use_scaled_rope, bool):
-            raise ValueError(f"{source}: use_scaled_rope must be true or false, got {self.use_scaled_rope!r}")
         if given and not self.use_scaled_rope:
             raise ValueError(f"{source} sets {', '.join(given)} but not use_scaled_rope: true; add it or remove them")
         for key in given:

@@ -112,6 +112,7 @@ def test_scaled_frequencies_equal_transformers():
     ({"rope_scaling_factor": 32.0}, "sets rope_scaling_factor but not use_scaled_rope"),
     ({"use_scaled_rope": True, "rope_scaling_factor": 0}, "rope_scaling_factor must be a number > 0"),
     ({"use_scaled_rope": True, "rope_high_freq_factor": 0.5}, "low frequency factor .* must be below"),
+    ({"n_heads": 4, "n_kv_heads": 3}, "n_heads=4 is not a multiple of n_kv_heads=3"),
 ])
 def test_bad_rope_params_name_the_key_and_file(params, match):
     with pytest.raises(ValueError, match=match) as e:

@@ -22,7 +22,7 @@ CORPUS = [
     "<|eot_id|> <|begin_of_text|><|start_header_id|>system<|end_header_id|>",
     "<|reserved_special_token_7|> and <|python_tag|>x",
     "a" * 30_000,  # one run longer than Meta's 25,000-character limit
-    " " * 60_000 + "b" * 80_000 + "\n",  # long whitespace and non-whitespace runs
+    " " * 60_000 + "b" * 300_000 + "\n",  # long whitespace and non-whitespace runs
     ("word " * 90_000) + "end",  # longer than 400,000 characters: encoded in windows
 ]
 

@@ -139,7 +139,7 @@ def read_config(ckpt_dir: str) -> ModelArgs:
         raise ValueError(f"{path} has no {e.args[0]!r}; it is not a complete Llama config") from None
     if cfg.get("head_dim", args.head_dim) * n_heads != dim:
         raise ValueError(f"{path}: head_dim {cfg['head_dim']} x {n_heads} heads != hidden_size {dim}")
-    args.check_rope_scaling(path)
+    args.check_llama3_fields(path)
     return args
 
 
