@@ -149,8 +149,9 @@ def llama3_tokenizer_json(tmp_path_factory, llama3_tokenizer, llama3_reference_t
 
 
 def random_llama_weights(shapes: dict, seed: int = 0) -> dict:
-    """Weights whose activations stay near unit size: embeddings N(0, 1), matrices N(0, 1/fan_in),
-    norms near 1; rounded to bf16 values (what Meta ships), kept in fp32."""
+    """Weights whose activations and logits stay near unit size: matrices (the embeddings too,
+    which may be the output layer) N(0, 1/fan_in), norms near 1; rounded to bf16 values (what
+    Meta ships), kept in fp32."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -158,8 +159,6 @@ def random_llama_weights(shapes: dict, seed: int = 0) -> dict:
     for key, shape in shapes.items():
         if key.endswith("norm.weight"):
             t = 1 + 0.1 * torch.randn(shape, generator=gen)
-        elif "embeddings" in key or "embed_tokens" in key:
-            t = torch.randn(shape, generator=gen)
         else:
             t = torch.randn(shape, generator=gen) / shape[-1] ** 0.5
         sd[key] = t.bfloat16().float()

@@ -16,10 +16,10 @@ def float_logits(llama32_hf):
         return llama.model(TOKENS, 0)
 
 
-# Relative error of the logits measured on this model (big logits: the output layer is the
-# N(0, 1) embedding matrix): int8 0.013, int4 (groups of 64) 0.16; the bounds are about twice
-# that. A wrong scale, group or shared tensor gives errors of order 1.
-@pytest.mark.parametrize("mode, bound", [("int8", 0.03), ("int4", 0.3)])
+# Relative error of the logits measured on this random model (Gaussian weights: int4 steps of
+# ~0.3 sigma in groups of 64): int8 0.026, int4 0.31; the bounds are 1.6-2x that. Uncorrelated
+# logits (a wrong scale, group, transposition or embedding lookup) give about 1.4.
+@pytest.mark.parametrize("mode, bound", [("int8", 0.05), ("int4", 0.5)])
 def test_tied_model_quantized(llama32_hf, float_logits, mode, bound, tmp_path):
     from llama.quantize import save_quantized
 
