@@ -112,8 +112,9 @@ class TokenizerJsonModel:
         self.n_words = self.model.get_vocab_size(with_added_tokens=True)
 
     def encode(self, s: str) -> list[int]:
-        pieces = list(split_long_text(s))
-        return [t for e in self.model.encode_batch(pieces, add_special_tokens=False) for t in e.ids]
+        # One piece at a time: encode_batch would start the library's thread pool, which then
+        # warns in every process forked later (torchrun workers, subprocesses).
+        return [t for piece in split_long_text(s) for t in self.model.encode(piece, add_special_tokens=False).ids]
 
     def decode(self, t: list[int]) -> str:
         return self.model.decode(list(t), skip_special_tokens=False)
