@@ -1,10 +1,12 @@
-"""Answer dialogs with a Llama 2 chat checkpoint (Meta's flags, plus device/dtype and your own prompts).
+"""Answer dialogs with a Llama 2 chat or Llama 3.x Instruct checkpoint (Meta's flags, plus
+device/dtype and your own prompts); the chat template comes from the tokenizer.
 
     python example_chat_completion.py --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model
-    python example_chat_completion.py --ckpt_dir Llama-2-7b-chat-hf/   # tokenizer.model beside it
+    python example_chat_completion.py --ckpt_dir Llama3.1-8B-Instruct/   # tokenizer.model inside
+    python example_chat_completion.py --ckpt_dir Llama-3.2-1B-Instruct-hf/   # tokenizer.json beside it
 
 --ckpt_dir takes a Meta or Hugging Face directory or a llama2.c .bin file; --tokenizer_path
-defaults to the tokenizer.model beside it.
+defaults to the tokenizer.model (else tokenizer.json) beside it.
 """
 
 from llama import Dialog, flags
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     errors = {}
     for i, dialog in enumerate(dialogs):
         try:
-            check_dialog(dialog)
+            check_dialog(dialog, generator.tokenizer)
         except ValueError as e:
             errors[i] = f"Error: {e}"
     valid = [d for i, d in enumerate(dialogs) if i not in errors]

@@ -4,9 +4,10 @@
     torchrun --nproc_per_node 2 example_text_completion.py --ckpt_dir llama-2-13b/ ...
     python example_text_completion.py --ckpt_dir Llama-2-7b-hf/      # tokenizer.model beside it
     python example_text_completion.py --ckpt_dir stories15M.bin --tokenizer_path tokenizer.model
+    python example_text_completion.py --ckpt_dir Llama3.2-1B/        # Llama 3.x: the same flags
 
 --ckpt_dir takes a Meta or Hugging Face directory or a llama2.c .bin file; --tokenizer_path
-defaults to the tokenizer.model beside it.
+defaults to the tokenizer.model (else tokenizer.json) beside it.
 """
 
 from llama import flags

@@ -9,7 +9,7 @@ def requirements() -> list[str]:
 setup(
     name="llama",
     version="0.1.0",
-    description="Meta's Llama 2 inference API, faithful to its checkpoints and runnable anywhere",
+    description="Meta's Llama 2 and Llama 3.x inference API, faithful to its checkpoints and runnable anywhere",
     packages=find_packages(include=["llama", "llama.*"]),
     package_data={"llama": ["csrc/*.cpp"]},
     python_requires=">=3.10",

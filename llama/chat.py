@@ -1,10 +1,13 @@
-"""The Llama 2 chat prompt format: [INST] ... [/INST] turns with a <<SYS>> block."""
+"""Chat prompt formats, picked from the tokenizer: Llama 3's header format, whose turns are
+`<|start_header_id|>role<|end_header_id|>\n\n content <|eot_id|>`, and Llama 2's `[INST] ... [/INST]`
+turns with a `<<SYS>>` block. `encode_dialog` is the one entry for both.
+"""
 
 from typing import Literal, TypedDict
 
 from llama.tokenizer import Tokenizer
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "ipython", "tool"]
 
 
 class Message(TypedDict):
@@ -17,15 +20,27 @@ Dialog = list[Message]
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 SPECIAL_TAGS = [B_INST, E_INST, "<<SYS>>", "<</SYS>>"]
+# Llama 3's header tokens; a tool's answer has the header "ipython" (Meta's "tool" role).
+START_HEADER, END_HEADER, END_OF_TURN = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
+LLAMA3_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "ipython": "ipython", "tool": "ipython"}
 
 
-def check_dialog(dialog: Dialog) -> None:
-    """Raise ValueError for a dialog the Llama 2 template cannot encode."""
+def chat_format(tokenizer: Tokenizer) -> str:
+    """"llama3" when the tokenizer has Llama 3's header tokens, else "llama2"."""
+    return "llama3" if START_HEADER in tokenizer.special_tokens else "llama2"
+
+
+def check_dialog(dialog: Dialog, tokenizer: Tokenizer | None = None) -> None:
+    """Raise ValueError for a dialog the tokenizer's chat format cannot encode (Llama 2's
+    format when no tokenizer is given)."""
     if not dialog:
         raise ValueError("empty dialog; a dialog needs at least one user message")
     for i, msg in enumerate(dialog):
-        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
-            raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {msg!r}")
+        if not isinstance(msg, dict) or "role" not in msg or not isinstance(msg.get("content"), str):
+            raise ValueError(f"message {i} must be a dict with 'role' and a str 'content', got {msg!r}")
+    if tokenizer is not None and chat_format(tokenizer) == "llama3":
+        return _check_llama3(dialog)
+    for i, msg in enumerate(dialog):
         for tag in SPECIAL_TAGS:
             if tag in msg["content"]:
                 raise ValueError(
@@ -46,9 +61,42 @@ def check_dialog(dialog: Dialog) -> None:
         raise ValueError("the last message must be from the user")
 
 
+def _check_llama3(dialog: Dialog) -> None:
+    for i, msg in enumerate(dialog):
+        if msg["role"] not in LLAMA3_ROLES:
+            raise ValueError(f"message {i} has role {msg['role']!r}; Llama 3 roles are {', '.join(LLAMA3_ROLES)}")
+    if all(msg["role"] == "system" for msg in dialog):
+        raise ValueError("the dialog has only a system message; add a user message after it")
+    if dialog[-1]["role"] == "assistant":
+        raise ValueError("the last message is the assistant's; end the dialog with the user's message")
+
+
+def _header(tokenizer: Tokenizer, role: str) -> list[int]:
+    special = tokenizer.special_tokens
+    return ([special[START_HEADER]] + tokenizer.encode(role, bos=False, eos=False) + [special[END_HEADER]]
+            + tokenizer.encode("\n\n", bos=False, eos=False))
+
+
+def _encode_llama3(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
+    """BOS, then each message as header + content + <|eot_id|>, then the assistant's header.
+    The content is encoded as it is (not stripped), as Meta's llama-models ChatFormat does."""
+    tokens = [tokenizer.bos_id]
+    for msg in dialog:
+        tokens += _header(tokenizer, LLAMA3_ROLES[msg["role"]])
+        tokens += tokenizer.encode(msg["content"], bos=False, eos=False)
+        tokens.append(tokenizer.special_tokens[END_OF_TURN])
+    return tokens + _header(tokenizer, "assistant")
+
+
 def encode_dialog(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
-    """Token ids of a dialog in the Llama 2 chat template, ready for the assistant's answer."""
-    check_dialog(dialog)
+    """Token ids of a dialog in the tokenizer's chat format (Llama 3's header format or Llama 2's
+    [INST] template), ending where the assistant's answer begins.
+
+    Raises ValueError (one line) for a dialog that format cannot encode.
+    """
+    check_dialog(dialog, tokenizer)
+    if chat_format(tokenizer) == "llama3":
+        return _encode_llama3(tokenizer, dialog)
     if dialog[0]["role"] == "system":
         first = dialog[1]
         merged = B_SYS + dialog[0]["content"] + E_SYS + first["content"]

@@ -15,16 +15,18 @@ import re
 import torch
 
 from llama.formats.common import check_parallel_split, file_kind, torch_load
-from llama.formats.hf import read_hf
-from llama.formats.llama2c import read_llama2c
+from llama.formats.hf import read_config, read_hf
+from llama.formats.llama2c import read_header, read_llama2c
 from llama.model import ModelArgs
-from llama.parallel import shard_dim
+from llama.parallel import piece_of, shard_dim
 
 log = logging.getLogger(__name__)
 
 _SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
 # Keys some Meta checkpoints carry that the model recomputes.
 IGNORED_KEYS = ("rope.freqs",)
+# Tokenizer files looked for beside a checkpoint, in this order.
+TOKENIZER_NAMES = ("tokenizer.model", "tokenizer.json")
 
 
 def load_checkpoint(path: str, rank: int = 0, world_size: int = 1, flag: str = "--ckpt_dir") -> tuple[ModelArgs, dict]:
@@ -34,6 +36,17 @@ def load_checkpoint(path: str, rank: int = 0, world_size: int = 1, flag: str = "
     Meta's key names and holds this rank's model-parallel shard.
     """
     return READERS[detect_format(path, flag)](path, rank, world_size)
+
+
+def read_args(path: str) -> ModelArgs:
+    """The ModelArgs of a checkpoint from its params.json, config.json or llama2.c header alone
+    (no weights needed)."""
+    kind = detect_format(path)
+    if kind == "meta":
+        return read_params(path)
+    if kind == "hf":
+        return read_config(path)
+    return read_header(path)[0]
 
 
 def detect_format(path: str, flag: str = "--ckpt_dir") -> str:
@@ -64,17 +77,19 @@ def detect_format(path: str, flag: str = "--ckpt_dir") -> str:
 
 
 def find_tokenizer(ckpt_path: str) -> str:
-    """The tokenizer.model beside a checkpoint: in its directory (or next to its file), else in the
-    folder above a checkpoint directory, where Meta's download puts it."""
+    """The tokenizer beside a checkpoint: tokenizer.model (else tokenizer.json) in its directory (or
+    next to its file), else in the folder above a checkpoint directory, where Meta's Llama 2
+    download puts it."""
     if not os.path.exists(ckpt_path):
         raise FileNotFoundError(f"checkpoint {ckpt_path!r} does not exist; check --ckpt_dir")
     folder = os.path.abspath(ckpt_path if os.path.isdir(ckpt_path) else os.path.dirname(ckpt_path) or ".")
     candidates = [folder] + ([os.path.dirname(folder)] if os.path.isdir(ckpt_path) else [])
     for candidate in candidates:
-        path = os.path.join(candidate, "tokenizer.model")
-        if os.path.isfile(path):
-            return path
-    raise ValueError(f"there is no tokenizer.model beside {ckpt_path!r}; pass --tokenizer_path")
+        for name in TOKENIZER_NAMES:
+            path = os.path.join(candidate, name)
+            if os.path.isfile(path):
+                return path
+    raise ValueError(f"there is no tokenizer.model or tokenizer.json beside {ckpt_path!r}; pass --tokenizer_path")
 
 
 def match_vocab(args: ModelArgs, state_dict: dict, tokenizer) -> ModelArgs:
@@ -89,7 +104,7 @@ def match_vocab(args: ModelArgs, state_dict: dict, tokenizer) -> ModelArgs:
     if tokenizer.n_words != size:
         raise ValueError(
             f"tokenizer {tokenizer.path!r} has {tokenizer.n_words} words but the checkpoint has a "
-            f"vocabulary of {size}; pass the tokenizer.model that came with this checkpoint as --tokenizer_path"
+            f"vocabulary of {size}; pass the tokenizer that came with this checkpoint as --tokenizer_path"
         )
     return dataclasses.replace(args, vocab_size=size)
 
@@ -144,18 +159,26 @@ def load_meta(ckpt_dir: str, rank: int = 0, world_size: int = 1) -> tuple[ModelA
         if dim is None or (n_shards == 1 and world_size == 1):
             state_dict[key] = first[key]
         else:
-            state_dict[key] = reshard(key, shards, n_shards, dim, rank, world_size)
+            state_dict[key] = reshard(key, shards, n_shards, dim, rank, world_size, args.kv_heads)
     log.info("loaded %s: %d shard(s) -> rank %d of %d", ckpt_dir, n_shards, rank, world_size)
     return args, state_dict
 
 
-def reshard(key: str, shards: dict, n_shards: int, dim: int, rank: int, world_size: int) -> torch.Tensor:
-    """Rank's slice of a tensor stored as n_shards equal pieces along dim."""
+def reshard(key: str, shards: dict, n_shards: int, dim: int, rank: int, world_size: int,
+            n_kv_heads: int) -> torch.Tensor:
+    """Rank's slice of a tensor stored as n_shards equal pieces along dim. Key/value projections
+    stored on more shards than kv heads hold copies (one kv head per shard); ranks beyond the kv
+    heads get copies too (see parallel.piece_of)."""
+    piece_id, pieces = piece_of(key, rank, world_size, n_kv_heads)
+    n_stored = piece_of(key, 0, n_shards, n_kv_heads)[1]
+    if n_stored != n_shards:  # keep one copy of each stored kv head
+        copies = n_shards // n_stored
+        shards = {i // copies: sd for i, sd in sorted(shards.items())}
     piece = shards[min(shards)][key].shape[dim]
-    total = piece * n_shards
-    if total % world_size:
-        raise ValueError(f"{key} has size {total} on dim {dim}, not divisible by {world_size} ranks")
-    lo, hi = rank * total // world_size, (rank + 1) * total // world_size
+    total = piece * n_stored
+    if total % pieces:
+        raise ValueError(f"{key} has size {total} on dim {dim}, not divisible by {pieces} ranks")
+    lo, hi = piece_id * total // pieces, (piece_id + 1) * total // pieces
     parts = []
     for i in sorted(shards):
         a, b = max(lo, i * piece), min(hi, (i + 1) * piece)

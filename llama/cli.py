@@ -2,7 +2,7 @@
 
     llama complete --ckpt_dir llama-2-7b/ "The capital of France is"
     llama chat --ckpt_dir llama-2-7b-chat/ --system_prompt "Answer briefly."
-    llama download 7B-chat          # Meta's signed URL flow; or: llama download stories15M
+    llama download 7B-chat          # Meta's signed URL flow (or Llama3.1-8B-Instruct); or: stories15M
     llama convert SRC DST --to hf
 """
 
@@ -36,7 +36,8 @@ def complete(args) -> None:
 
 
 def chat(args) -> None:
-    """Chat with a Llama 2 chat model: keeps the conversation, /reset, /exit, Ctrl-C stops an answer."""
+    """Chat with a Llama 2 chat or Llama 3.x Instruct model: keeps the conversation, /reset, /exit,
+    Ctrl-C stops an answer."""
     from llama.interactive import chat_loop
 
     generator, options = flags.start(args, max_batch_size=1)
@@ -44,16 +45,17 @@ def chat(args) -> None:
 
 
 def download(args) -> None:
-    """Download Llama 2 weights with Meta's signed URL, or a tinyllamas stories model by name."""
+    """Download Llama 2 or Llama 3.x weights with Meta's signed URL, or a tinyllamas stories model by name."""
     from llama import download as dl
 
     names = [m.strip() for item in args.models for m in str(item).split(",") if m.strip()]
-    unknown = [n for n in names if n not in dl.STORIES and n not in dl.META_MODELS]
+    meta = {**dl.META_MODELS, **dl.LLAMA3_MODELS}
+    unknown = [n for n in names if n not in dl.STORIES and n not in meta]
     if unknown:
-        raise ValueError(f"unknown model(s) {', '.join(unknown)}; known: {', '.join([*dl.META_MODELS, *dl.STORIES])}")
+        raise ValueError(f"unknown model(s) {', '.join(unknown)}; known: {', '.join([*meta, *dl.STORIES])}")
     stories = [n for n in names if n in dl.STORIES]
     if stories and len(stories) != len(names):
-        raise ValueError("download stories models and Llama 2 models in separate commands")
+        raise ValueError("download stories models and Meta's Llama models in separate commands")
     if stories:
         for name in stories:
             print(f"{name}: downloaded to {dl.download_stories(name, args.target_folder)}")
@@ -65,9 +67,9 @@ def download(args) -> None:
     if url is None:
         url = input("Enter the URL from email: ").strip()
     if not names:
-        answer = input(f"Enter the list of models to download without spaces ({','.join(dl.META_MODELS)}), "
-                       "or press Enter for all: ").strip()
-        names = [m for m in answer.split(",") if m] or list(dl.META_MODELS)
+        answer = input(f"Enter the list of models to download without spaces ({','.join(dl.META_MODELS)}, "
+                       f"or Llama 3.x ids such as Llama3.1-8B-Instruct), or press Enter for all Llama 2 models: ")
+        names = [m for m in answer.strip().split(",") if m] or list(dl.META_MODELS)
     for name, folder in zip(names, dl.download_meta(url, names, args.target_folder)):
         print(f"{name}: downloaded and verified in {folder}")
 
@@ -85,7 +87,8 @@ def parser() -> flags.Parser:
     p.add_argument("--system_prompt", help="instructions kept at the start of the conversation")
     p.set_defaults(run=chat)
     p = commands.add_parser("download", help=download.__doc__, description=download.__doc__)
-    p.add_argument("models", nargs="*", help="7B,13B,70B,7B-chat,13B-chat,70B-chat (all when left out) or "
+    p.add_argument("models", nargs="*", help="Llama 2: 7B,13B,70B,7B-chat,13B-chat,70B-chat (all when left "
+                   "out); Llama 3.x: Meta's model ids, e.g. Llama3.2-1B-Instruct, Llama3.1-8B, Llama-3-8B; or "
                    "stories15M, stories42M, stories110M, stories260K")
     p.add_argument("--url", help="the signed URL from Meta's email; asked for when needed and left out")
     p.add_argument("--target_folder", default=".", help="where the files go (default: .)")

@@ -5,7 +5,7 @@
     python -m llama.convert SRC model.bin --to llama2c
 
 SRC is a Meta or Hugging Face directory or a llama2.c .bin file; DST is a new directory (a new
-file for llama2c). tokenizer.model is copied beside the output.
+file for llama2c). The tokenizer (tokenizer.model or tokenizer.json) is copied beside the output.
 """
 
 import logging
@@ -23,12 +23,16 @@ from llama.formats.hf import write_hf
 from llama.formats.llama2c import write_llama2c
 from llama.formats.meta import save_shard, write_params
 from llama.quant import is_quantized
+from llama.tokenizer import Tokenizer, file_name
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("meta", "hf", "llama2c")
-# Meta's params.json has no context length; Llama 2 models were trained with 4096.
+# Meta's params.json has no context length: Llama 2 models were trained with 4096, Llama 3 (its
+# 128,256-word vocabulary) with 8192, and Llama 3.1 / 3.2 (scaled RoPE) reach 131072.
 LLAMA2_CONTEXT = 4096
+LLAMA3_CONTEXT, LLAMA3_VOCAB = 8192, 128256
+SCALED_ROPE_CONTEXT = 131072
 PROGRESS_MIN_BYTES = 2**30
 
 
@@ -42,7 +46,8 @@ def convert(src: str, dst: str, to: str = "meta", model_parallel_size: int = 1,
         to: "meta" (params.json + consolidated.NN.pth), "hf" (config.json + safetensors) or
             "llama2c" (a version-1 fp32 .bin for run.c).
         model_parallel_size: number of consolidated.NN.pth shards for "meta".
-        tokenizer_path: tokenizer.model to copy beside the output; by default the one beside src.
+        tokenizer_path: tokenizer.model or tokenizer.json to copy beside the output; by default the
+            one beside src.
         dtype: cast the weights ("float32", "float16", "bfloat16"); by default keep them.
     """
     dtype = _check_request(dst, to, model_parallel_size, dtype)
@@ -53,14 +58,14 @@ def convert(src: str, dst: str, to: str = "meta", model_parallel_size: int = 1,
         try:
             tokenizer_path = find_tokenizer(src)
         except ValueError:
-            log.warning("no tokenizer.model beside %s; pass --tokenizer_path to copy one to the output", src)
+            log.warning("no tokenizer beside %s; pass --tokenizer_path to copy one to the output", src)
     elif not os.path.isfile(tokenizer_path):
         raise FileNotFoundError(f"tokenizer {tokenizer_path!r} does not exist; check --tokenizer_path")
     if to == "llama2c":  # one new file, written under a temporary name, beside anything already there
         tmp = f"{dst}.partial"
         try:
             files = [os.path.basename(dst)]
-            _write(src, tmp, to, model_parallel_size, dtype, source_format)
+            _write(src, tmp, to, model_parallel_size, dtype, source_format, tokenizer_path)
             os.replace(tmp, dst)
         except (OSError, RuntimeError) as e:
             raise disk_error(e, dst) or e from None
@@ -70,20 +75,22 @@ def convert(src: str, dst: str, to: str = "meta", model_parallel_size: int = 1,
         files += _copy_tokenizer(tokenizer_path, os.path.dirname(os.path.abspath(dst)))
     else:  # a new folder, renamed into place once complete
         with new_folder(dst) as tmp:
-            files = _write(src, tmp, to, model_parallel_size, dtype, source_format)
+            files = _write(src, tmp, to, model_parallel_size, dtype, source_format, tokenizer_path)
             files += _copy_tokenizer(tokenizer_path, tmp)
     log.info("converted %s (%s) -> %s (%s): %s", src, source_format, dst, to, ", ".join(files))
     return files
 
 
 def _copy_tokenizer(tokenizer_path: str | None, folder: str) -> list[str]:
+    """Copy the tokenizer as tokenizer.model, or as tokenizer.json when it is one."""
     if tokenizer_path is None:
         return []
-    if os.path.exists(os.path.join(folder, "tokenizer.model")):
-        log.warning("left the tokenizer.model already in %s as it is", folder)
+    name = file_name(tokenizer_path)
+    if os.path.exists(os.path.join(folder, name)):
+        log.warning("left the %s already in %s as it is", name, folder)
         return []
-    shutil.copyfile(tokenizer_path, os.path.join(folder, "tokenizer.model"))
-    return ["tokenizer.model"]
+    shutil.copyfile(tokenizer_path, os.path.join(folder, name))
+    return [name]
 
 
 def _check_request(dst: str, to: str, model_parallel_size: int, dtype: str | None) -> torch.dtype | None:
@@ -103,16 +110,16 @@ def _check_request(dst: str, to: str, model_parallel_size: int, dtype: str | Non
 
 
 def _write(src: str, dst: str, to: str, model_parallel_size: int, dtype: torch.dtype | None,
-           source_format: str) -> list[str]:
+           source_format: str, tokenizer_path: str | None = None) -> list[str]:
     """Read src and write it to dst in format `to`; returns the files written."""
     args, state_dict = load_checkpoint(src, 0, model_parallel_size, flag="SRC")
     if is_quantized(state_dict):
         raise ValueError(f"{src!r} is a quantized checkpoint; convert reads floating-point ones: convert the "
                          "original, then quantize the result with python -m llama.quantize")
     if source_format == "meta":
-        args.max_seq_len = LLAMA2_CONTEXT
         if args.vocab_size == -1:
             args.vocab_size = state_dict["tok_embeddings.weight"].shape[0]
+        args.max_seq_len = meta_context(args)
     total = model_parallel_size * sum(t.numel() * t.element_size() for t in state_dict.values())
     show = sys.stderr.isatty() and total >= PROGRESS_MIN_BYTES
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {to}", disable=not show) as bar:
@@ -124,11 +131,27 @@ def _write(src: str, dst: str, to: str, model_parallel_size: int, dtype: torch.d
                 files.append(save_shard(cast(state_dict, dtype), dst, rank))
                 bar.update(total // model_parallel_size)
         elif to == "hf":
-            files = write_hf(args, cast(state_dict, dtype), dst, progress=bar)
+            files = write_hf(args, cast(state_dict, dtype), dst, progress=bar, **_special_ids(tokenizer_path))
         else:
             os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
             files = [write_llama2c(args, state_dict, dst, progress=bar)]
     return files
+
+
+def _special_ids(tokenizer_path: str | None) -> dict:
+    """bos_id / eos_id for config.json from the tokenizer (eos: every stop token), else Llama 2's."""
+    if tokenizer_path is None:
+        return {}
+    tokenizer = Tokenizer(tokenizer_path)
+    stops = tokenizer.stop_tokens
+    return {"bos_id": tokenizer.bos_id, "eos_id": stops[0] if len(stops) == 1 else stops}
+
+
+def meta_context(args) -> int:
+    """The context length of a Meta checkpoint's model (params.json does not give it)."""
+    if args.use_scaled_rope:
+        return SCALED_ROPE_CONTEXT
+    return LLAMA3_CONTEXT if args.vocab_size == LLAMA3_VOCAB else LLAMA2_CONTEXT
 
 
 def cast(state_dict: dict, dtype: torch.dtype | None) -> dict:
@@ -158,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("dst", help="the new directory (for --to llama2c, the new .bin file)")
     p.add_argument("--to", default="meta", choices=FORMATS, help="the format to write (default: meta)")
     p.add_argument("--model_parallel_size", type=int, default=1, help="shards to write with --to meta")
-    p.add_argument("--tokenizer_path", help="tokenizer.model to copy beside the result")
+    p.add_argument("--tokenizer_path", help="tokenizer.model or tokenizer.json to copy beside the result")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating weights to this dtype")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -1,4 +1,4 @@
-"""What to download: Meta's signed-URL release and the tinyllamas stories models, by name.
+"""What to download: Meta's signed-URL releases (Llama 2, Llama 3.x) and the tinyllamas stories models, by name.
 
 Each file goes through `llama.fetch.download_file` (resumed, capped, verified, renamed only
 when complete).
@@ -22,6 +22,28 @@ META_MODELS = {
     "7B-chat": ("llama-2-7b-chat", 1),
     "13B-chat": ("llama-2-13b-chat", 2),
     "70B-chat": ("llama-2-70b-chat", 8),
+}
+# Meta's Llama 3.x model ids (llama-models' names) -> (folder on Meta's server, shards). Each server
+# folder holds checklist.chk, tokenizer.model, params.json and consolidated.NN.pth; they are saved
+# into a folder named after the model id (':' written '-'), as llama-models' download does.
+LLAMA3_MODELS = {
+    "Llama-3-8B": ("Llama-3-8B", 1),
+    "Llama-3-8B-Instruct": ("Llama-3-8B-Instruct", 1),
+    "Llama-3-70B": ("Llama-3-70B", 8),
+    "Llama-3-70B-Instruct": ("Llama-3-70B-Instruct", 8),
+    "Llama3.1-8B": ("Llama-3.1-8B", 1),
+    "Llama3.1-8B-Instruct": ("Llama-3.1-8B-Instruct", 1),
+    "Llama3.1-70B": ("Llama-3.1-70B", 8),
+    "Llama3.1-70B-Instruct": ("Llama-3.1-70B-Instruct", 8),
+    "Llama3.1-405B:bf16-mp8": ("Llama-3.1-405B-MP8", 8),
+    "Llama3.1-405B:bf16-mp16": ("Llama-3.1-405B-MP16", 16),
+    "Llama3.1-405B-Instruct:bf16-mp8": ("Llama-3.1-405B-Instruct-MP8", 8),
+    "Llama3.1-405B-Instruct:bf16-mp16": ("Llama-3.1-405B-Instruct-MP16", 16),
+    "Llama3.2-1B": ("Llama-3.2-1B", 1),
+    "Llama3.2-1B-Instruct": ("Llama-3.2-1B-Instruct", 1),
+    "Llama3.2-3B": ("Llama-3.2-3B", 1),
+    "Llama3.2-3B-Instruct": ("Llama-3.2-3B-Instruct", 1),
+    "Llama3.3-70B-Instruct": ("Llama-3.3-70B-Instruct", 8),
 }
 
 TINYLLAMAS_URL = "https://huggingface.co/karpathy/tinyllamas/resolve/main"
@@ -59,42 +81,47 @@ def signed_url(url: str, path: str) -> str:
 
 
 def download_meta(url: str, models: list[str], target_folder: str = ".") -> list[str]:
-    """Meta's release for `models` (names of META_MODELS) into target_folder, md5-verified.
-
-    Returns the model folders.
+    """Meta's release for `models` (names of META_MODELS or LLAMA3_MODELS) into target_folder,
+    md5-verified. Returns the model folders.
     """
     if "*" not in url:
         raise ValueError("the URL has no '*' in it; paste the whole URL from Meta's email")
-    unknown = [m for m in models if m not in META_MODELS]
+    unknown = [m for m in models if m not in META_MODELS and m not in LLAMA3_MODELS]
     if unknown:
-        raise ValueError(f"unknown models {unknown}; choose among {', '.join(META_MODELS)}")
+        raise ValueError(f"unknown models {unknown}; choose among {', '.join([*META_MODELS, *LLAMA3_MODELS])}")
     os.makedirs(target_folder, exist_ok=True)
 
-    def get(path: str, checksum: str | None = None) -> str:
-        dest = os.path.join(target_folder, path)
+    def get(path: str, checksum: str | None = None, local: str | None = None) -> str:
+        dest = os.path.join(target_folder, local or path)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         return download_file(signed_url(url, path), dest, checksum)
 
-    for path in ("LICENSE", "USE_POLICY.md"):
-        get(path)
-    sums = read_checklist(_fresh(get, "tokenizer_checklist.chk", target_folder))
-    get("tokenizer.model", sums.get("tokenizer.model"))
+    if any(m in META_MODELS for m in models):  # Llama 2: license and tokenizer beside the folders
+        for path in ("LICENSE", "USE_POLICY.md"):
+            get(path)
+        sums = read_checklist(_fresh(get, "tokenizer_checklist.chk", target_folder))
+        get("tokenizer.model", sums.get("tokenizer.model"))
     folders = []
     for model in models:
-        folder, n_shards = META_MODELS[model]
-        sums = read_checklist(_fresh(get, f"{folder}/checklist.chk", target_folder))
-        for path in [f"consolidated.{s:02d}.pth" for s in range(n_shards)] + ["params.json"]:
+        if model in META_MODELS:
+            folder, n_shards = META_MODELS[model]
+            local, extra = folder, []
+        else:  # Llama 3.x: the tokenizer is in each model's folder
+            (folder, n_shards), local = LLAMA3_MODELS[model], model.replace(":", "-")
+            extra = ["tokenizer.model"]
+        sums = read_checklist(_fresh(get, f"{folder}/checklist.chk", target_folder, f"{local}/checklist.chk"))
+        for path in [f"consolidated.{s:02d}.pth" for s in range(n_shards)] + ["params.json", *extra]:
             if path not in sums:
-                log.warning("%s/checklist.chk has no md5 for %s; it is not verified", folder, path)
-            get(f"{folder}/{path}", sums.get(path))
-        folders.append(os.path.join(target_folder, folder))
+                log.warning("%s/checklist.chk has no md5 for %s; it is not verified", local, path)
+            get(f"{folder}/{path}", sums.get(path), f"{local}/{path}")
+        folders.append(os.path.join(target_folder, local))
     return folders
 
 
-def _fresh(get, path: str, target_folder: str) -> str:
+def _fresh(get, path: str, target_folder: str, local: str | None = None) -> str:
     """Download a checklist again each time: an old one may be an error page."""
-    discard(os.path.join(target_folder, path))
-    return get(path)
+    discard(os.path.join(target_folder, local or path))
+    return get(path, None, local)
 
 
 def download_stories(name: str, target_folder: str = ".", base_url: str | None = None,

@@ -130,7 +130,8 @@ class Llama:
         """Generate up to max_gen_len tokens after each prompt.
 
         Returns (tokens, logprobs) per prompt, as Meta's `generate` does. Generation of a
-        row stops at EOS or any of `stop_token_ids` (not included in the output).
+        row stops at any of the tokenizer's `stop_tokens` (EOS; for Llama 3 also `<|eom_id|>`
+        and `<|eot_id|>`) or of `stop_token_ids`, which are not included in the output.
         With `echo`, the prompt tokens (and their logprobs; 0.0 for the first) come first.
         Batches larger than max_batch_size run in chunks.
         """
@@ -160,7 +161,7 @@ class Llama:
         generator = None
         if options.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(options.seed)
-        stop = {self.tokenizer.eos_id, *options.stop_token_ids} - {-1}
+        stop = {*self.tokenizer.stop_tokens, *options.stop_token_ids} - {-1}
         bs = self.model.max_batch_size
         finished: list[Row] = []
         with self._exclusive():
@@ -176,8 +177,8 @@ class Llama:
     def text_completion(self, prompts: list[str], options: GenerationOptions) -> list[CompletionPrediction]:
         """Complete each prompt.
 
-        A row ends at EOS, any of `stop_token_ids`, or the first of the `stop` strings, which
-        the returned text leaves out; the other rows go on.
+        A row ends at a stop token of the tokenizer, any of `stop_token_ids`, or the first of the
+        `stop` strings, which the returned text leaves out; the other rows go on.
         """
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings; for one prompt pass [prompt]")
@@ -188,9 +189,11 @@ class Llama:
 
     @takes_options(GenerationOptions, META_OPTIONS[:4], EXTRA_OPTIONS)
     def chat_completion(self, dialogs: list[Dialog], options: GenerationOptions) -> list[ChatPrediction]:
-        """Answer each dialog as the assistant, using the Llama 2 chat template.
+        """Answer each dialog as the assistant, in the chat format of the tokenizer (Llama 3's
+        header format or Llama 2's [INST] template; see `llama.chat.encode_dialog`).
 
-        `stop` and `stop_token_ids` end an answer as in text_completion.
+        An answer ends at a stop token (for Llama 3, `<|eot_id|>` or `<|eom_id|>`), which the
+        text leaves out; `stop` and `stop_token_ids` end it as in text_completion.
         """
         prompt_tokens = [encode_dialog(self.tokenizer, d) for d in dialogs]  # validates first
         preds = self._complete(prompt_tokens, options)

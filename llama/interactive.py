@@ -41,7 +41,7 @@ class ChatSession:
         """The dialog for this message and its tokens, dropping the oldest exchanges to fit."""
         max_seq_len = self.generator.model.max_seq_len
         message: Message = {"role": "user", "content": user}
-        check_dialog(self.system + [message])
+        check_dialog(self.system + [message], self.generator.tokenizer)
         self.dropped = 0
         while True:
             dialog = self.system + self.history + [message]

@@ -19,7 +19,7 @@ import sys
 import torch
 
 from llama.model import ModelArgs, Transformer
-from llama.parallel import shard_model
+from llama.parallel import can_split, local_kv_heads, shard_model
 from llama.quant import DEFAULT_GROUP_SIZE
 from llama.quant_layers import quantize_model
 
@@ -83,7 +83,8 @@ def _weight_bytes(fields: tuple, dtype: torch.dtype, quantize: str | None, group
     with torch.device("meta"):
         model = quantize_model(shard_model(Transformer(args), world_size), quantize, group_size, dtype)
     b = torch.finfo(dtype).bits // 8
-    return sum(t.numel() * (b if t.is_floating_point() else t.element_size()) for t in model.state_dict().values())
+    tensors = {id(t): t for t in model.state_dict(keep_vars=True).values()}  # a tied tensor once
+    return sum(t.numel() * (b if t.is_floating_point() else t.element_size()) for t in tensors.values())
 
 
 def estimate(args: ModelArgs, max_seq_len: int, max_batch_size: int, dtype: torch.dtype,
@@ -91,7 +92,7 @@ def estimate(args: ModelArgs, max_seq_len: int, max_batch_size: int, dtype: torc
              device_type: str = "cpu") -> MemoryEstimate:
     """Estimate one rank's memory for a build with these settings (see the module docstring)."""
     b = torch.finfo(dtype).bits // 8
-    kv_dim = args.kv_heads * args.head_dim // world_size
+    kv_dim = local_kv_heads(args.kv_heads, world_size) * args.head_dim
     kv_cache = 2 * args.n_layers * max_batch_size * max_seq_len * kv_dim * b
     tokens = max_batch_size * max_seq_len
     # Prefill temporaries: hidden state, q/k/v, rotary fp32 copies, the feed-forward's three
@@ -153,7 +154,7 @@ def alternatives(args: ModelArgs, max_seq_len: int, max_batch_size: int, dtype: 
             break
     if device_type == "cuda":
         for mp in (2, 4, 8):
-            if mp > world_size and args.n_heads % mp == 0 and args.kv_heads % mp == 0 and (e := fits(world_size=mp)):
+            if mp > world_size and can_split(args.n_heads, args.kv_heads, mp) and (e := fits(world_size=mp)):
                 found.append(f"torchrun --nproc_per_node {mp} ({fmt(e.total)} per GPU)")
                 break
     return found
@@ -193,7 +194,7 @@ def preflight(args: ModelArgs, max_seq_len: int, max_batch_size: int, dtype: tor
 def main(argv: list[str] | None = None) -> None:
     """Print the memory a build would take, reading only the checkpoint's shapes; exit 1 if it does not fit."""
     from llama import flags
-    from llama.checkpoint import load_checkpoint
+    from llama.checkpoint import load_checkpoint, read_args
     from llama.device import resolve_device, resolve_dtype
     from llama.options import REQUIRED, BuildOptions
     from llama.quant import plan
@@ -204,7 +205,11 @@ def main(argv: list[str] | None = None) -> None:
                       ckpt_dir=REQUIRED, max_seq_len=2048, max_batch_size=1, device="cpu")
     p.add_argument("--vocab_size", type=int, default=32000, help="when the checkpoint does not give it")
     a = p.parse_args(argv)
-    args, state_dict = load_checkpoint(a.ckpt_dir)
+    try:
+        args, state_dict = load_checkpoint(a.ckpt_dir)
+    except FileNotFoundError:  # params.json or config.json without weights: the shapes are enough
+        args, state_dict = read_args(a.ckpt_dir), {}
+        log.info("%s has no weight files; estimating from its shapes alone", a.ckpt_dir)
     if args.vocab_size <= 0:
         embed = state_dict.get("tok_embeddings.weight")
         args.vocab_size = a.vocab_size if embed is None else embed.shape[0]

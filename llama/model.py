@@ -14,6 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Meta's Llama 3.1 RoPE scaling, as llama-models 0.3.0 hard-codes it: factor, low and high
+# frequency factors, and the context length of the model before scaling.
+LLAMA3_ROPE_SCALING = (8.0, 1.0, 4.0, 8192)
+
 
 @dataclass
 class ModelArgs:
@@ -32,6 +36,16 @@ class ModelArgs:
     max_seq_len: int = 2048
     # Explicit feed-forward width for checkpoints that do not follow Meta's rule (HF, llama2.c).
     hidden_dim: int | None = None
+    # Llama 3.1 / 3.2 RoPE scaling. `use_scaled_rope` alone means Meta's reference values
+    # (LLAMA3_ROPE_SCALING); later Meta code reads the two factors below from params.json.
+    use_scaled_rope: bool = False
+    rope_scaling_factor: float | None = None
+    rope_high_freq_factor: float | None = None
+    # Only this project's readers write these two: HF rope_scaling values Meta's keys cannot hold.
+    rope_low_freq_factor: float | None = None
+    rope_original_context: int | None = None
+    # The output layer is the embedding matrix (HF tie_word_embeddings: Llama 3.2 1B and 3B).
+    tie_word_embeddings: bool = False
 
     @classmethod
     def from_params(cls, params: dict, source: str = "params.json") -> "ModelArgs":
@@ -42,7 +56,40 @@ class ModelArgs:
             raise ValueError(
                 f"{source} has unknown key(s) {unknown}; known keys are {sorted(known)}"
             )
-        return cls(**params)
+        args = cls(**params)
+        args.check_llama3_fields(source)
+        return args
+
+    def check_llama3_fields(self, source: str) -> None:
+        """Raise ValueError (naming source) for kv heads, RoPE scaling or tying values the math cannot use."""
+        if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
+            raise ValueError(f"{source}: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        for flag in ("use_scaled_rope", "tie_word_embeddings"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{source}: {flag} must be true or false, got {getattr(self, flag)!r}")
+        keys = ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_context")
+        numbers = {key: getattr(self, key) for key in keys}
+        given = [k for k, v in numbers.items() if v is not None]
+        if given and not self.use_scaled_rope:
+            raise ValueError(f"{source} sets {', '.join(given)} but not use_scaled_rope: true; add it or remove them")
+        for key in given:
+            value = numbers[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{source}: {key} must be a number > 0, got {value!r}")
+        if self.use_scaled_rope:
+            _, low, high, _ = self.rope_scaling
+            if not low < high:
+                raise ValueError(f"{source}: the RoPE low frequency factor ({low}) must be below the high "
+                                 f"frequency factor ({high})")
+
+    @property
+    def rope_scaling(self) -> tuple[float, float, float, int] | None:
+        """(factor, low_freq_factor, high_freq_factor, original context) with use_scaled_rope, else None."""
+        if not self.use_scaled_rope:
+            return None
+        given = (self.rope_scaling_factor, self.rope_low_freq_factor, self.rope_high_freq_factor,
+                 self.rope_original_context)
+        return tuple(meta if value is None else value for value, meta in zip(given, LLAMA3_ROPE_SCALING))
 
     @property
     def head_dim(self) -> int:
@@ -74,10 +121,24 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x) * self.weight
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> torch.Tensor:
+def scale_frequencies(freqs: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+                      original_context: int) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling: frequencies whose wavelength is longer than original_context /
+    low_freq_factor are divided by factor, those shorter than original_context / high_freq_factor
+    kept, and those between blended linearly in original_context / wavelength."""
+    turns = original_context * freqs / (2 * math.pi)  # original_context / wavelength
+    keep = ((turns - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0, 1)
+    return (1 - keep) * freqs / factor + keep * freqs
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None,
+                scaling: tuple[float, float, float, int] | None = None) -> torch.Tensor:
     """cos and signed sin of every (position, pair), each value repeated for both members of
-    its pair: shape (2, max_seq_len, head_dim), fp32. Row 1 is (-sin, +sin, -sin, ...)."""
+    its pair: shape (2, max_seq_len, head_dim), fp32. Row 1 is (-sin, +sin, -sin, ...).
+    `scaling` is ModelArgs.rope_scaling (None: plain RoPE)."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    if scaling is not None:
+        freqs = scale_frequencies(freqs, *scaling)
     angles = torch.outer(torch.arange(max_seq_len, device=device).float(), freqs)  # (seq, d/2)
     sign = torch.tensor([-1.0, 1.0], device=device)
     cos = angles.cos().repeat_interleave(2, dim=-1)  # (seq, d)
@@ -201,6 +262,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
+        if params.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight  # one tensor; transforms may replace either
         self.max_batch_size = 0
         self.max_seq_len = 0
 
@@ -209,7 +272,8 @@ class Transformer(nn.Module):
         weight = self.tok_embeddings.weight
         p = self.params
         self.register_buffer(
-            "rope", rope_tables(p.head_dim, max_seq_len, p.rope_theta, weight.device), persistent=False
+            "rope", rope_tables(p.head_dim, max_seq_len, p.rope_theta, weight.device, p.rope_scaling),
+            persistent=False,
         )
         for layer in self.layers:
             attn = layer.attention

@@ -26,7 +26,8 @@ class BuildOptions:
     """What `Llama.build` takes."""
 
     ckpt_dir: str = option(None, "a Meta or Hugging Face checkpoint directory, or a llama2.c .bin file")
-    tokenizer_path: str | None = option(None, "the tokenizer.model; by default the one beside the checkpoint")
+    tokenizer_path: str | None = option(None, "the tokenizer.model or tokenizer.json; by default the one "
+                                         "beside the checkpoint")
     max_seq_len: int = option(512, "longest prompt + generation the KV cache holds", type=int)
     max_batch_size: int = option(8, "rows decoded together; larger batches run in chunks", type=int)
     model_parallel_size: int | None = option(None, "model-parallel ranks; by default torchrun's WORLD_SIZE",

@@ -37,16 +37,38 @@ SHARD_DIM = {
 }
 
 
+# Key/value projections: with more ranks than kv heads, each kv head is copied to the ranks
+# whose query heads use it (as Meta runs 70B, 8 kv heads, on 16 ranks).
+KV_LAYERS = ("wk", "wv")
+
+
 # Split layers whose outputs every rank needs whole: gathered after the layer. The outputs of
 # the other layers split by input columns (dim 1) are partial sums, reduced after the layer.
 GATHERED = ("tok_embeddings", "output")
 
 
+def _layer_name(key: str) -> str:
+    parts = key.split(".")
+    return parts[-2] if len(parts) >= 2 else parts[0]
+
+
 def shard_dim(key: str) -> int | None:
     """The split dimension of a state-dict key such as `layers.0.attention.wq.weight`."""
-    parts = key.split(".")
-    name = parts[-2] if len(parts) >= 2 else parts[0]
-    return SHARD_DIM.get(name)
+    return SHARD_DIM.get(_layer_name(key))
+
+
+def piece_of(key: str, rank: int, world_size: int, n_kv_heads: int) -> tuple[int, int]:
+    """(piece, pieces): rank holds piece `piece` of the key's tensor cut into `pieces` equal parts
+    along its SHARD_DIM. That is (rank, world_size), except for the key/value projections on more
+    ranks than kv heads, where the ranks of one query group share a copy of their kv head."""
+    if _layer_name(key) in KV_LAYERS and world_size > n_kv_heads:
+        return rank // (world_size // n_kv_heads), n_kv_heads
+    return rank, world_size
+
+
+def local_kv_heads(n_kv_heads: int, world_size: int) -> int:
+    """kv heads each rank holds (1, a copy, when ranks exceed kv heads)."""
+    return max(1, n_kv_heads // world_size)
 
 
 def world_size() -> int:
@@ -142,13 +164,20 @@ def _destroy_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
+def can_split(n_heads: int, n_kv_heads: int, world_size: int) -> bool:
+    """Whether world_size ranks can share the heads: the query heads split evenly, and the kv
+    heads split evenly or (more ranks than kv heads) are copied evenly."""
+    return n_heads % world_size == 0 and (n_kv_heads % world_size == 0 or world_size % n_kv_heads == 0)
+
+
 def check_split(n_heads: int, n_kv_heads: int, world_size: int) -> None:
     """Raise ValueError when the heads cannot be split over world_size ranks."""
-    if n_heads % world_size or n_kv_heads % world_size:
-        sizes = [m for m in range(1, n_kv_heads + 1) if n_kv_heads % m == 0 and n_heads % m == 0]
+    if not can_split(n_heads, n_kv_heads, world_size):
+        sizes = [m for m in range(1, n_heads + 1) if can_split(n_heads, n_kv_heads, m)]
         raise ValueError(
-            f"n_heads={n_heads} and n_kv_heads={n_kv_heads} must be divisible by the "
-            f"model-parallel size {world_size}; run with --nproc_per_node "
+            f"n_heads={n_heads} must be divisible by the model-parallel size {world_size}, and "
+            f"n_kv_heads={n_kv_heads} divisible by it or a divisor of it (kv heads are then copied); "
+            f"run with --nproc_per_node "
             f"(or convert --model_parallel_size) among {sizes}"
         )
 
@@ -166,17 +195,18 @@ def shard_model(model: nn.Module, world_size: int) -> nn.Module:
     for module in list(model.modules()):
         if hasattr(module, "n_local_heads"):
             module.n_local_heads //= world_size
-            module.n_local_kv_heads //= world_size
+            module.n_local_kv_heads = local_kv_heads(args.kv_heads, world_size)
         for name, child in list(module.named_children()):
             dim = SHARD_DIM.get(name)
             if dim is not None:
-                setattr(module, name, _smaller(child, dim, world_size))
+                pieces = piece_of(f"{name}.weight", 0, world_size, args.kv_heads)[1]
+                setattr(module, name, _smaller(child, dim, pieces))
     return model
 
 
-def _smaller(layer: nn.Module, dim: int, world_size: int) -> nn.Module:
+def _smaller(layer: nn.Module, dim: int, pieces: int) -> nn.Module:
     shape = list(layer.weight.shape)
-    shape[dim] //= world_size
+    shape[dim] //= pieces
     device = layer.weight.device
     if isinstance(layer, nn.Embedding):
         return nn.Embedding(*shape, device=device)

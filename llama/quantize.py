@@ -13,6 +13,7 @@ from llama.device import DTYPES
 from llama.formats.common import check_new_folder, new_folder
 from llama.formats.meta import write_params
 from llama.quant import DEFAULT_GROUP_SIZE
+from llama.tokenizer import file_name
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 def save_quantized(ckpt_dir: str, out_dir: str, mode: str, group_size: int = DEFAULT_GROUP_SIZE,
                    dtype: str = "float16") -> None:
     """Write a quantized Meta-layout checkpoint (params.json + consolidated.00.pth, and the
-    tokenizer.model found beside the source) to the new folder out_dir, from any format
+    tokenizer found beside the source) to the new folder out_dir, from any format
     `Llama.build` reads.
 
     The source is read tensor by tensor from its memory map; `Llama.build(out_dir, ...)` loads
@@ -39,13 +40,13 @@ def save_quantized(ckpt_dir: str, out_dir: str, mode: str, group_size: int = DEF
         tokenizer = find_tokenizer(ckpt_dir)
     except ValueError:
         tokenizer = None
-        log.warning("no tokenizer.model beside %s; pass --tokenizer_path when loading %s", ckpt_dir, out_dir)
+        log.warning("no tokenizer beside %s; pass --tokenizer_path when loading %s", ckpt_dir, out_dir)
     with new_folder(out_dir, "OUT_DIR") as tmp:
         quantized = quant.quantize_state_dict(state_dict, mode, group_size, DTYPES[dtype], "cpu")
         write_params(args, tmp)
         torch.save(quantized, os.path.join(tmp, "consolidated.00.pth"))
         if tokenizer:
-            shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.model"))
+            shutil.copyfile(tokenizer, os.path.join(tmp, file_name(tokenizer)))
     log.info("wrote %s quantized checkpoint to %s", mode, out_dir)
 
 

@@ -96,3 +96,109 @@ def write_random_checkpoint(path, args) -> int:
     (path / "params.json").write_text(json.dumps(params))
     torch.save(sd, path / "consolidated.00.pth")
     return os.path.getsize(path / "consolidated.00.pth")
+
+
+# ---------------------------------------------------------------------------- Llama 3
+
+# A random Llama 3.1-style model in Meta's layout: real head dim (128), GQA (2 query heads per kv
+# head), ffn_dim_multiplier, the 128,256-word vocabulary and scaled RoPE, on a tiny width.
+LLAMA3_PARAMS = {"dim": 256, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "ffn_dim_multiplier": 1.5,
+                 "multiple_of": 256, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True,
+                 "vocab_size": 128256}
+# A random Llama 3.2-style Hugging Face config: head dim 64 as 3.2-1B's, tied embeddings, RoPE
+# scaling factor 32, Meta's special-token ids.
+LLAMA32_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
+                  "intermediate_size": 1024, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "head_dim": 64, "hidden_act": "silu", "max_position_embeddings": 131072,
+                  "rms_norm_eps": 1e-05, "tie_word_embeddings": True, "vocab_size": 128256,
+                  "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
+                  "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 8192}}
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer() -> str:
+    """Meta's real Llama 3 tokenizer.model, shipped inside the llama-models package."""
+    import llama_models
+
+    return str(Path(llama_models.__file__).parent / "llama3" / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def llama3_reference_tokenizer(llama3_tokenizer):
+    """Meta's own Llama 3 Tokenizer (llama-models) over that file: the independent reference."""
+    from llama_models.llama3.tokenizer import Tokenizer
+
+    return Tokenizer(Path(llama3_tokenizer))
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_json(tmp_path_factory, llama3_tokenizer, llama3_reference_tokenizer) -> str:
+    """A tokenizer.json made from the Llama 3 tokenizer.model by transformers' own converter, with
+    Meta's pattern and special tokens taken from Meta's reference tokenizer."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    ref = llama3_reference_tokenizer
+    specials = sorted(ref.special_tokens, key=ref.special_tokens.get)
+    converted = TikTokenConverter(vocab_file=llama3_tokenizer, pattern=ref.pat_str,
+                                  extra_special_tokens=specials).converted()
+    path = tmp_path_factory.mktemp("llama3-json") / "tokenizer.json"
+    converted.save(str(path))
+    return str(path)
+
+
+def random_llama_weights(shapes: dict, seed: int = 0) -> dict:
+    """Weights whose activations and logits stay near unit size: matrices (the embeddings too,
+    which may be the output layer) N(0, 1/fan_in), norms near 1; rounded to bf16 values (what
+    Meta ships), kept in fp32."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, shape in shapes.items():
+        if key.endswith("norm.weight"):
+            t = 1 + 0.1 * torch.randn(shape, generator=gen)
+        else:
+            t = torch.randn(shape, generator=gen) / shape[-1] ** 0.5
+        sd[key] = t.bfloat16().float()
+    return sd
+
+
+@pytest.fixture(scope="session")
+def llama3_meta_ckpt(tmp_path_factory, llama3_tokenizer) -> str:
+    """LLAMA3_PARAMS in Meta's layout (bf16 consolidated.00.pth, params.json, tokenizer.model)."""
+    import torch
+
+    from llama.model import ModelArgs, Transformer
+
+    path = tmp_path_factory.mktemp("llama3") / "Llama3.1-tiny"
+    path.mkdir()
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(ModelArgs(**LLAMA3_PARAMS)).state_dict().items()}
+    torch.save({k: v.bfloat16() for k, v in random_llama_weights(shapes).items()}, path / "consolidated.00.pth")
+    (path / "params.json").write_text(json.dumps(LLAMA3_PARAMS))
+    os.symlink(llama3_tokenizer, path / "tokenizer.model")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def llama32_hf(tmp_path_factory, llama3_tokenizer_json):
+    """(folder, model): LLAMA32_CONFIG as a transformers LlamaForCausalLM with random weights, saved
+    by transformers in bf16 with only tokenizer.json beside it; the model stays in fp32."""
+    import copy
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{k: v for k, v in LLAMA32_CONFIG.items() if k not in ("architectures", "model_type")})
+    model = LlamaForCausalLM(config).float().eval()
+    shapes = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    model.load_state_dict(random_llama_weights(shapes, seed=1), strict=False)  # lm_head is tied
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    path = tmp_path_factory.mktemp("llama32") / "Llama-3.2-tiny-hf"
+    # A bf16 copy is saved: converting the model itself would round its fp32 RoPE buffer too.
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(path)
+    shutil.copyfile(llama3_tokenizer_json, path / "tokenizer.json")
+    return str(path), model

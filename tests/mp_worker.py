@@ -4,6 +4,7 @@ full-sequence logits; rank 0 saves {path: {"tokens", "logits", "text"}} with tor
     python -m torch.distributed.run --nproc_per_node 2 tests/mp_worker.py OUT TOKENIZER CKPT...
 
 A CKPT written as PATH#int8 (or #int4) is built with quantize="int8"; its results keep that key.
+TOKENIZER "-" means the tokenizer beside each checkpoint.
 """
 
 import sys
@@ -14,8 +15,8 @@ from llama import Llama
 from llama.parallel import rank
 
 
-def run(checkpoint: str, tokenizer: str, quantize: str | None = None) -> dict:
-    llama = Llama.build(checkpoint, tokenizer, max_seq_len=256, max_batch_size=1,
+def run(checkpoint: str, tokenizer: str | None, quantize: str | None = None) -> dict:
+    llama = Llama.build(checkpoint, None if tokenizer == "-" else tokenizer, max_seq_len=256, max_batch_size=1,
                         device="cpu", dtype="float32", quantize=quantize)
     tokens, _ = llama.generate([[llama.tokenizer.bos_id]], max_gen_len=200, temperature=0)
     with torch.inference_mode():

@@ -369,3 +369,39 @@ def test_web_page_on_resume_keeps_the_part(server, tmp_path):
         dl.download_file(server.url + "/w.pth", str(tmp_path / "w.pth"), md5(WEIGHTS), retries=0)
     assert (tmp_path / "w.pth.part").read_bytes() == WEIGHTS[: len(WEIGHTS) // 2]
     assert not (tmp_path / "w.pth").exists()
+
+
+def llama3_release(server, model_folder="Llama-3.2-1B-Instruct", n_shards=1):
+    """Meta's Llama 3.x layout (llama-models' download): everything, the tokenizer too, in the folder."""
+    tokenizer = b"IQ== 0\n"
+    params = b'{"dim": 2048, "use_scaled_rope": true}'
+    files = {f"consolidated.{s:02d}.pth": WEIGHTS for s in range(n_shards)}
+    files.update({"params.json": params, "tokenizer.model": tokenizer})
+    checklist = "".join(f"{md5(body)}  {name}\n" for name, body in files.items()).encode()
+    server.routes[f"/{model_folder}/checklist.chk"] = (checklist, "ok")
+    for name, body in files.items():
+        server.routes[f"/{model_folder}/{name}"] = (body, "ok")
+    return server.url + "/*?Policy=abc&Signature=def"
+
+
+def test_llama3_release_layout(server, tmp_path, capsys):
+    url = llama3_release(server)
+    folders = dl.download_meta(url, ["Llama3.2-1B-Instruct"], str(tmp_path))
+    assert folders == [str(tmp_path / "Llama3.2-1B-Instruct")]
+    assert sorted(os.listdir(folders[0])) == ["checklist.chk", "consolidated.00.pth", "params.json",
+                                              "tokenizer.model"]
+    assert (tmp_path / "Llama3.2-1B-Instruct" / "consolidated.00.pth").read_bytes() == WEIGHTS
+    assert not (tmp_path / "LICENSE").exists()  # Llama 2's top-level files are not asked for
+    assert all(path.startswith("/Llama-3.2-1B-Instruct/") for path, _ in server.requests)
+    # A damaged file fails its md5 from the folder's checklist.
+    server.routes["/Llama-3.2-1B-Instruct/params.json"] = (b"{}", "ok")
+    os.remove(tmp_path / "Llama3.2-1B-Instruct" / "params.json")
+    with pytest.raises(dl.DownloadError, match="params.json: md5 checksum mismatch"):
+        dl.download_meta(url, ["Llama3.2-1B-Instruct"], str(tmp_path))
+    # The command knows the names; a 405B name with ':' gets a folder without it.
+    llama3_release(server, "Llama-3.1-405B-MP16", n_shards=16)
+    from llama.cli import main
+
+    main(["download", "Llama3.1-405B:bf16-mp16", "--url", url, "--target_folder", str(tmp_path)])
+    assert "Llama3.1-405B:bf16-mp16: downloaded and verified" in capsys.readouterr().out
+    assert len(os.listdir(tmp_path / "Llama3.1-405B-bf16-mp16")) == 16 + 3

@@ -112,3 +112,36 @@ def test_memory_command_reports_a_quantized_checkpoint_as_quantized(tmp_path, ca
         main(["--ckpt_dir", str(tmp_path / "q"), "--memory_limit", "1MB"])
     assert stop.value.code == 1
     assert "does NOT fit" in capsys.readouterr().out
+
+
+# Meta's params.json of Llama 3.1-8B, and Hugging Face's config.json of Llama 3.2-1B (tied).
+LLAMA31_8B = {"dim": 4096, "ffn_dim_multiplier": 1.3, "multiple_of": 1024, "n_heads": 32, "n_kv_heads": 8,
+              "n_layers": 32, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True, "vocab_size": 128256}
+LLAMA32_1B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
+              "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+              "head_dim": 64, "max_position_embeddings": 131072, "rms_norm_eps": 1e-05, "tie_word_embeddings": True,
+              "vocab_size": 128256, "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                        "original_max_position_embeddings": 8192}}
+
+
+@pytest.mark.parametrize("name, parameters", [("params.json", 8_030_261_248), ("config.json", 1_235_814_400)])
+def test_memory_command_on_llama3_shapes_without_weights(tmp_path, capsys, name, parameters):
+    """Published parameter counts (8B with its own output matrix, 1B with the tied one) x 2 bytes."""
+    (tmp_path / name).write_text(json.dumps(LLAMA31_8B if name == "params.json" else LLAMA32_1B))
+    from llama.memory import main
+
+    main(["--ckpt_dir", str(tmp_path), "--max_seq_len", "8192", "--dtype", "bfloat16", "--memory_limit", "1TB"])
+    line = capsys.readouterr().out.splitlines()[0]
+    weights = float(line.split("weights ")[1].split(" GB")[0]) * GB
+    assert abs(weights / (parameters * 2) - 1) < 0.02, line
+    # 8 kv heads x 128 (8B) or 64 (1B) dims, K and V, every layer, 8192 positions, bf16.
+    kv = 2 * (32 * 8 * 128 if name == "params.json" else 16 * 8 * 64) * 8192 * 2
+    assert f"KV cache {kv / GB:.2f} GB" in line
+
+
+def test_llama31_8b_refused_at_12gb_lists_int8():
+    args = ModelArgs.from_params(LLAMA31_8B)
+    with pytest.raises(ValueError, match="quantize='int8' \\(") as e:
+        preflight(args, 2048, 1, torch.bfloat16, torch.device("cuda"), memory_limit="12GB")
+    assert "--nproc_per_node 2" in str(e.value)  # 8 kv heads split over 2 GPUs

@@ -11,7 +11,7 @@ import tempfile
 import torch
 
 from llama.model import ModelArgs
-from llama.parallel import check_split, shard_dim
+from llama.parallel import check_split, piece_of, shard_dim
 
 ZIP_MAGIC = b"PK\x03\x04"
 
@@ -41,16 +41,18 @@ def check_parallel_split(args: ModelArgs, world_size: int) -> None:
     check_split(args.n_heads, args.kv_heads, world_size)
 
 
-def shard(key: str, tensor: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """Rank's slice of a full tensor (a narrow view, no copy); replicated keys come back whole."""
+def shard(key: str, tensor: torch.Tensor, rank: int, world_size: int, n_kv_heads: int) -> torch.Tensor:
+    """Rank's slice of a full tensor (a narrow view, no copy); replicated keys come back whole,
+    and ranks beyond the kv heads get their kv head's slice (see parallel.piece_of)."""
     dim = shard_dim(key)
     if dim is None or world_size == 1:
         return tensor
+    piece, pieces = piece_of(key, rank, world_size, n_kv_heads)
     size = tensor.shape[dim]
-    if size % world_size:
-        raise ValueError(f"{key} has size {size} on dim {dim}, not divisible by {world_size} ranks")
-    part = size // world_size
-    return tensor.narrow(dim, rank * part, part)
+    if size % pieces:
+        raise ValueError(f"{key} has size {size} on dim {dim}, not divisible by {pieces} ranks")
+    part = size // pieces
+    return tensor.narrow(dim, piece * part, part)
 
 
 def file_kind(path: str) -> str:

@@ -13,7 +13,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from llama.formats.common import check_parallel_split, file_kind, shard, torch_load
-from llama.model import ModelArgs
+from llama.model import LLAMA3_ROPE_SCALING, ModelArgs
+from llama.parallel import local_kv_heads
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,13 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 MAX_SHARD_BYTES = 5 * 2**30
+# Hugging Face's "llama3" rope_scaling keys -> ModelArgs fields, in LLAMA3_ROPE_SCALING's order.
+HF_ROPE_KEYS = {
+    "factor": "rope_scaling_factor",
+    "low_freq_factor": "rope_low_freq_factor",
+    "high_freq_factor": "rope_high_freq_factor",
+    "original_max_position_embeddings": "rope_original_context",
+}
 
 
 def meta_key(key: str) -> str | None:
@@ -76,8 +84,28 @@ def to_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return pairs.transpose(1, 2).reshape(rows, cols)  # (heads * 2 * d/2, in)
 
 
-def read_config(ckpt_dir: str) -> tuple[ModelArgs, bool]:
-    """(ModelArgs, tie_word_embeddings) from config.json; ValueError for what Llama 2 cannot run."""
+def rope_fields(rope: dict, context: int | None, path: str) -> dict:
+    """ModelArgs fields of a config's rope_scaling / rope_parameters: none for plain RoPE, the
+    Llama 3 scaling fields for type "llama3" (whose original context is max_position_embeddings,
+    `context`, when not given, as in transformers); ValueError for any other type."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        return {}
+    if rope_type != "llama3":
+        raise ValueError(f"{path} uses RoPE scaling {rope_type!r}; only plain RoPE and Llama 3's 'llama3' "
+                         "scaling are supported")
+    rope = {"original_max_position_embeddings": context, **rope}
+    try:
+        fields = {key: rope[name] for name, key in HF_ROPE_KEYS.items()}
+    except KeyError as e:
+        raise ValueError(f"{path}: the 'llama3' RoPE scaling has no {e.args[0]!r}") from None
+    meta = dict(zip(HF_ROPE_KEYS.values(), LLAMA3_ROPE_SCALING))
+    # Values equal to Meta's reference stay unset, so a params.json written from them is Meta's own.
+    return {"use_scaled_rope": True, **{k: v for k, v in fields.items() if v != meta[k]}}
+
+
+def read_config(ckpt_dir: str) -> ModelArgs:
+    """ModelArgs from config.json; ValueError for what Llama 2 and 3 cannot run."""
     path = os.path.join(ckpt_dir, "config.json")
     try:
         with open(path) as f:
@@ -90,11 +118,8 @@ def read_config(ckpt_dir: str) -> tuple[ModelArgs, bool]:
             "(model_type 'llama') can be loaded"
         )
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"{path} uses RoPE scaling {rope_type!r}; only Llama 2's plain RoPE is supported")
     if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise ValueError(f"{path} asks for a non-silu activation or biases, which Llama 2 does not have")
+        raise ValueError(f"{path} asks for a non-silu activation or biases, which Llama does not have")
     try:
         dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
         args = ModelArgs(
@@ -107,12 +132,15 @@ def read_config(ckpt_dir: str) -> tuple[ModelArgs, bool]:
             rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
             max_seq_len=cfg.get("max_position_embeddings", 2048),
             hidden_dim=cfg["intermediate_size"],
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            **rope_fields(rope, cfg.get("max_position_embeddings"), path),
         )
     except KeyError as e:
         raise ValueError(f"{path} has no {e.args[0]!r}; it is not a complete Llama config") from None
     if cfg.get("head_dim", args.head_dim) * n_heads != dim:
         raise ValueError(f"{path}: head_dim {cfg['head_dim']} x {n_heads} heads != hidden_size {dim}")
-    return args, bool(cfg.get("tie_word_embeddings", False))
+    args.check_llama3_fields(path)
+    return args
 
 
 def weight_files(ckpt_dir: str) -> list[str]:
@@ -157,9 +185,11 @@ def read_tensors(path: str) -> dict[str, torch.Tensor]:
 
 def read_hf(ckpt_dir: str, rank: int = 0, world_size: int = 1) -> tuple[ModelArgs, dict]:
     """A Hugging Face Llama directory as (ModelArgs, Meta state dict) for rank of world_size."""
-    args, tied = read_config(ckpt_dir)
+    args = read_config(ckpt_dir)
+    tied = args.tie_word_embeddings
     check_parallel_split(args, world_size)
-    heads = {"attention.wq.weight": args.n_heads // world_size, "attention.wk.weight": args.kv_heads // world_size}
+    heads = {"attention.wq.weight": args.n_heads // world_size,
+             "attention.wk.weight": local_kv_heads(args.kv_heads, world_size)}
     state_dict, embeddings, source = {}, None, {}
     for path in weight_files(ckpt_dir):
         for key, tensor in read_tensors(path).items():
@@ -172,12 +202,12 @@ def read_hf(ckpt_dir: str, rank: int = 0, world_size: int = 1) -> tuple[ModelArg
             source[name] = path
             if name == "tok_embeddings.weight":
                 embeddings = tensor
-            local = shard(name, tensor, rank, world_size)
+            local = shard(name, tensor, rank, world_size, args.kv_heads)
             n_heads = heads.get(name.split(".", 2)[-1])
             state_dict[name] = local if n_heads is None else to_interleaved(local, n_heads)
     if tied and embeddings is not None:
         # Same tensor as tok_embeddings with one rank; a different slice of it with several.
-        state_dict["output.weight"] = shard("output.weight", embeddings, rank, world_size)
+        state_dict["output.weight"] = shard("output.weight", embeddings, rank, world_size, args.kv_heads)
     log.info("read Hugging Face checkpoint %s (rank %d of %d)", ckpt_dir, rank, world_size)
     return args, state_dict
 
@@ -188,8 +218,17 @@ def is_tied(state_dict: dict) -> bool:
     return out is emb or (out.shape == emb.shape and out.dtype == emb.dtype and torch.equal(out, emb))
 
 
-def hf_config(args: ModelArgs, tied: bool, dtype: torch.dtype, bos_id: int = 1, eos_id: int = 2) -> dict:
+def hf_rope(args: ModelArgs) -> dict:
+    """rope_parameters of config.json (transformers 5.x; 4.x reads the same dict as rope_scaling)."""
+    if args.rope_scaling is None:
+        return {"rope_type": "default", "rope_theta": args.rope_theta}
+    return {"rope_type": "llama3", "rope_theta": args.rope_theta, **dict(zip(HF_ROPE_KEYS, args.rope_scaling))}
+
+
+def hf_config(args: ModelArgs, tied: bool, dtype: torch.dtype, bos_id: int = 1,
+              eos_id: int | list[int] = 2) -> dict:
     """config.json for LlamaForCausalLM (keys read by transformers 4.x and 5.x)."""
+    rope = hf_rope(args)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -203,7 +242,8 @@ def hf_config(args: ModelArgs, tied: bool, dtype: torch.dtype, bos_id: int = 1, 
         "max_position_embeddings": args.max_seq_len,
         "rms_norm_eps": args.norm_eps,
         "rope_theta": args.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        "rope_parameters": rope,
+        **({"rope_scaling": rope} if args.rope_scaling else {}),
         "attention_bias": False,
         "mlp_bias": False,
         "tie_word_embeddings": tied,
@@ -228,7 +268,7 @@ def hf_tensors(args: ModelArgs, state_dict: dict, tied: bool) -> dict[str, torch
 
 
 def write_hf(args: ModelArgs, state_dict: dict, out_dir: str, progress=None,
-             max_shard_bytes: int = MAX_SHARD_BYTES, bos_id: int = 1, eos_id: int = 2) -> list[str]:
+             max_shard_bytes: int = MAX_SHARD_BYTES, bos_id: int = 1, eos_id: int | list[int] = 2) -> list[str]:
     """Write config.json and safetensors (sharded with an index above max_shard_bytes); returns the files."""
     os.makedirs(out_dir, exist_ok=True)
     tied = is_tied(state_dict)

@@ -111,7 +111,7 @@ def read_llama2c(path: str, rank: int = 0, world_size: int = 1) -> tuple[ModelAr
         raise ValueError(f"{path!r} is {what}: {size} bytes, but its llama2.c header needs {expected}")
     check_parallel_split(args, world_size)
     data = torch.from_file(path, shared=False, size=size // 4, dtype=torch.float32)  # (floats,) mmap
-    state_dict, offset, layer = {}, header_bytes // 4, {}
+    state_dict, offset, layer, kv = {}, header_bytes // 4, {}, args.kv_heads
     for kind, shape in entries:
         n = math.prod(shape)
         key = META_KEYS[kind]
@@ -119,19 +119,23 @@ def read_llama2c(path: str, rank: int = 0, world_size: int = 1) -> tuple[ModelAr
             i = layer[kind] = layer.get(kind, -1) + 1
             key = key.format(i)
             full = data[offset : offset + n].view(shape)  # (out, in) or (dim,)
-            state_dict[key] = full if kind == "tok_embeddings" else shard(key, full, rank, world_size)
+            state_dict[key] = full if kind == "tok_embeddings" else shard(key, full, rank, world_size, kv)
         offset += n
     embeddings = state_dict["tok_embeddings.weight"]
     if shared:
         # Same tensor as tok_embeddings with one rank; a different slice of it with several.
-        state_dict["output.weight"] = shard("output.weight", embeddings, rank, world_size)
-    state_dict["tok_embeddings.weight"] = shard("tok_embeddings.weight", embeddings, rank, world_size)
+        state_dict["output.weight"] = shard("output.weight", embeddings, rank, world_size, kv)
+    state_dict["tok_embeddings.weight"] = shard("tok_embeddings.weight", embeddings, rank, world_size, kv)
     log.info("read llama2.c checkpoint %s (rank %d of %d)", path, rank, world_size)
     return args, state_dict
 
 
 def write_llama2c(args: ModelArgs, state_dict: dict, path: str, progress=None) -> str:
     """Write full tensors as a llama2.c version-1 fp32 file (what run.c reads); returns its name."""
+    if args.rope_theta != 10000.0 or args.use_scaled_rope:
+        scaled = ", scaled RoPE" if args.use_scaled_rope else ""
+        raise ValueError(f"llama2.c files hold no RoPE settings, and this model has rope_theta={args.rope_theta}"
+                         f"{scaled}; convert it with --to meta or --to hf")
     shared = torch.equal(state_dict["output.weight"], state_dict["tok_embeddings.weight"])
     ints = (args.dim, args.ffn_hidden_dim, args.n_layers, args.n_heads, args.kv_heads, args.vocab_size,
             args.max_seq_len)

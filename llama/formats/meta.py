@@ -12,6 +12,11 @@ import torch
 from llama.model import ModelArgs
 
 DEFAULT_ROPE_THETA = 10000.0
+# (ffn_dim_multiplier, multiple_of) of Meta's releases: Llama 3.2 1B, 70B (and Llama 2 70B), 3 8B,
+# 3.1 405B; tried first when a width must be expressed in Meta's keys, so that their params.json
+# round-trips through Hugging Face's intermediate_size.
+META_FFN = ((1.5, 256), (1.3, 4096), (1.3, 1024), (1.2, 4096))
+ROPE_KEYS = ("rope_scaling_factor", "rope_high_freq_factor", "rope_low_freq_factor", "rope_original_context")
 
 
 def ffn_params(args: ModelArgs) -> dict:
@@ -20,7 +25,9 @@ def ffn_params(args: ModelArgs) -> dict:
         out = {"multiple_of": args.multiple_of}
         return out if args.ffn_dim_multiplier is None else {**out, "ffn_dim_multiplier": args.ffn_dim_multiplier}
     hidden, base = args.hidden_dim, int(2 * (4 * args.dim) / 3)
-    candidates = [{"multiple_of": args.multiple_of}] + [{"multiple_of": 2**k} for k in range(12, -1, -1)]
+    candidates = ([{"multiple_of": args.multiple_of}]
+                  + [{"ffn_dim_multiplier": m, "multiple_of": k} for m, k in META_FFN]
+                  + [{"multiple_of": 2**k} for k in range(12, -1, -1)])
     # Rounding up to multiple_of = hidden gives hidden for any width in 1..hidden.
     candidates.append({"multiple_of": hidden} if hidden >= base else
                       {"multiple_of": hidden, "ffn_dim_multiplier": hidden / base})
@@ -39,6 +46,13 @@ def meta_params(args: ModelArgs) -> dict:
     params["norm_eps"] = args.norm_eps
     if args.rope_theta != DEFAULT_ROPE_THETA:
         params["rope_theta"] = args.rope_theta
+    if args.use_scaled_rope:
+        params["use_scaled_rope"] = True
+        # Only values that differ from Meta's reference (Llama 3.2's factor 32, say); Meta's later
+        # code reads the two factors, and only this project's loader the other two.
+        for key in ROPE_KEYS:
+            if getattr(args, key) is not None:
+                params[key] = getattr(args, key)
     params["vocab_size"] = args.vocab_size
     return params
 
