@@ -91,6 +91,15 @@ def read_message(prompt: str, echo: bool) -> str:
         return "\n".join(lines)
 
 
+def _line_editing() -> None:
+    """Arrow keys and history for input() on a terminal; input() then also writes its prompt to
+    stdout (without readline, Python writes it to stderr)."""
+    try:
+        import readline  # noqa: F401
+    except ImportError:  # Windows, or Python built without it
+        pass
+
+
 def _next_message(tty: bool) -> str | None:
     """The user's next message (None at the end of input). Under torchrun rank 0 reads it and
     every other rank receives it, so all ranks run the same turns."""
@@ -121,6 +130,7 @@ def chat_loop(generator: Llama, system_prompt: str | None = None, max_gen_len: i
         sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 become U+FFFD, not a crash
     tty = sys.stdin.isatty()
     if tty:
+        _line_editing()
         _say("Chat with the model. /help lists the commands.", file=sys.stderr)
     while True:
         try:

@@ -8,6 +8,8 @@ too. With one process nothing here touches torch.distributed or fairscale.
 """
 
 import atexit
+import contextlib
+import io
 import logging
 import os
 
@@ -117,7 +119,9 @@ def setup(model_parallel_size: int | None, device: torch.device) -> tuple[int, i
     )
 
     if not model_parallel_is_initialized():
-        initialize_model_parallel(world)
+        with contextlib.redirect_stdout(io.StringIO()) as said:  # fairscale prints; stdout is for text
+            initialize_model_parallel(world)
+        log.info("fairscale: %s", "; ".join(said.getvalue().replace("> ", "").splitlines()))
     return rank(), world
 
 

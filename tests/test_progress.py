@@ -1,10 +1,13 @@
 """What a person sees: a progress bar on stderr that advances, and stdout with the generated text alone."""
 
+import fcntl
 import os
 import pty
 import re
+import struct
 import subprocess
 import sys
+import termios
 
 from conftest import REPO, models_path, write_random_checkpoint
 from llama.model import ModelArgs
@@ -15,6 +18,8 @@ def test_quantizing_load_shows_an_advancing_bar_on_a_terminal(tmp_path, llama2_t
     args = ModelArgs(dim=1024, n_layers=24, n_heads=16, vocab_size=32000, multiple_of=256)
     write_random_checkpoint(tmp_path / "ckpt", args)
     master, slave = pty.openpty()
+    # A new pty is 0 columns wide, where tqdm draws nothing; a terminal is wider.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
     cmd = [sys.executable, "example_text_completion.py", "--ckpt_dir", str(tmp_path / "ckpt"),
            "--tokenizer_path", llama2_tokenizer, "--quantize", "int8", "--device", "cpu",
            "--prompts", "Hi", "--max_gen_len", "2", "--temperature", "0", "--max_seq_len", "16"]

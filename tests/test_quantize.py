@@ -191,7 +191,7 @@ def test_quantize_never_overwrites_and_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(ValueError, match="not an empty folder"):
         main([models_path("stories260K-meta"), str(existing)])
     assert (existing / "consolidated.00.pth").read_bytes() == b"user's file"
-    with pytest.raises(ValueError):
+    with pytest.raises(FileNotFoundError, match="does not exist"):  # as for every missing checkpoint
         main([str(tmp_path / "missing"), str(tmp_path / "out")])
     assert sorted(os.listdir(tmp_path)) == ["existing"]  # no partial or temporary folder
 
