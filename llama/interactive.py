@@ -91,6 +91,15 @@ def read_message(prompt: str, echo: bool) -> str:
         return "\n".join(lines)
 
 
+def _line_editing() -> None:
+    """Arrow keys and history for input() on a terminal; input() then also writes its prompt to
+    stdout (without readline, Python writes it to stderr)."""
+    try:
+        import readline  # noqa: F401
+    except ImportError:  # Windows, or Python built without it
+        pass
+
+
 def _next_message(tty: bool, group) -> str | None:
     """The user's next message (None at the end of input). Under torchrun rank 0 reads it and
     every other rank receives it through `group`, so all ranks run the same turns."""
@@ -122,6 +131,7 @@ def chat_loop(generator: Llama, system_prompt: str | None = None, max_gen_len: i
     tty = sys.stdin.isatty()
     group = patient_group() if world_size() > 1 else None  # waiting for a person never times out
     if tty:
+        _line_editing()
         _say("Chat with the model. /help lists the commands.", file=sys.stderr)
     while True:
         try:

@@ -12,9 +12,9 @@ too. With one process nothing here touches torch.distributed or fairscale.
 import atexit
 import contextlib
 import datetime
+import io
 import logging
 import os
-import sys
 
 import torch
 from torch import nn
@@ -122,8 +122,9 @@ def setup(model_parallel_size: int | None, device: torch.device) -> tuple[int, i
     )
 
     if not model_parallel_is_initialized():
-        with contextlib.redirect_stdout(sys.stderr):  # fairscale prints; stdout carries generated text
+        with contextlib.redirect_stdout(io.StringIO()) as said:  # fairscale prints; stdout is for text
             initialize_model_parallel(world)
+        log.info("fairscale: %s", "; ".join(said.getvalue().replace("> ", "").splitlines()))
     return rank(), world
 
 

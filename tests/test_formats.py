@@ -214,7 +214,7 @@ def test_config_with_other_model_type(tmp_path, model_type):
 def test_heads_not_divisible_by_model_parallel_size(form):
     with pytest.raises(ValueError, match="divisible by the model-parallel size 3") as e:
         load_checkpoint(models_path(form), 0, 3)
-    assert "[1, 2, 4]" in one_line_error(e)
+    assert "[1, 2, 4, 8]" in one_line_error(e)  # 8 ranks: each of the 4 kv heads copied to two
 
 
 def test_single_weights_file_asks_for_its_directory():

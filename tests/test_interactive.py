@@ -152,7 +152,8 @@ def test_chat_under_torchrun_follows_rank_0(stories_tokenizer):
     two = chat_through_pty([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                             *flags], lines)
     assert two == one
-    blocks = [b.strip() for b in one.split("\n\n") if b.strip()]  # each answer ends with an empty line
+    # Each answer ends with an empty line; "> " is the prompt (on a terminal, readline writes it to stdout).
+    blocks = [b.strip() for b in one.replace("> ", "").split("\n\n") if b.strip()]
     assert "(conversation cleared)" in blocks[2]
     answers = [blocks[0], blocks[1], blocks[2].removeprefix("(conversation cleared)").strip()]
     assert all(answers) and len(blocks) == 3

@@ -80,5 +80,5 @@ def test_options_normalise_stop_lists():
 def test_text_that_is_not_unicode_is_a_clear_error(stories):
     with pytest.raises(ValueError, match="lone surrogate '\\\\ud800' at character 4"):
         stories.text_completion(["Once\ud800 upon"], max_gen_len=4)
-    with pytest.raises(TypeError, match="str, not bytes"):
+    with pytest.raises(TypeError, match="prompts must be a list of strings"):
         stories.text_completion([b"Once"], max_gen_len=4)

@@ -18,7 +18,8 @@ def test_quantizing_load_shows_an_advancing_bar_on_a_terminal(tmp_path, llama2_t
     args = ModelArgs(dim=1024, n_layers=24, n_heads=16, vocab_size=32000, multiple_of=256)
     write_random_checkpoint(tmp_path / "ckpt", args)
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal's size
+    # A new pty is 0 columns wide, where tqdm draws nothing; a terminal is wider.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
     cmd = [sys.executable, "example_text_completion.py", "--ckpt_dir", str(tmp_path / "ckpt"),
            "--tokenizer_path", llama2_tokenizer, "--quantize", "int8", "--device", "cpu",
            "--prompts", "Hi", "--max_gen_len", "2", "--temperature", "0", "--max_seq_len", "16"]
