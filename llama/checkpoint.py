@@ -14,6 +14,7 @@ import re
 
 import torch
 
+from llama.config import validate
 from llama.formats.common import check_parallel_split, file_kind, torch_load
 from llama.formats.hf import read_config, read_hf
 from llama.formats.llama2c import read_header, read_llama2c
@@ -118,7 +119,14 @@ def read_params(ckpt_dir: str) -> ModelArgs:
             params = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{params_path} is not valid JSON: {e}") from None
-    return ModelArgs.from_params(params, source=params_path)
+    if not isinstance(params, dict):
+        raise ValueError(f"{params_path} holds a JSON {type(params).__name__}, not an object of model parameters")
+    unknown = sorted(set(params) - {f.name for f in dataclasses.fields(ModelArgs)})
+    if unknown:
+        log.warning("%s: ignored unknown key(s) %s", params_path, ", ".join(unknown))
+    args = ModelArgs.from_params(params)
+    validate(args, params_path)
+    return args
 
 
 def meta_shards(ckpt_dir: str) -> list[str]:

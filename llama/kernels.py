@@ -10,6 +10,7 @@ LLAMA_CPU_KERNELS=0, `available()` is False and the layers use PyTorch ops; LLAM
 """
 
 import contextlib
+import hashlib
 import logging
 import os
 import sys
@@ -61,8 +62,9 @@ def _load() -> str:
         from torch.utils.cpp_extension import load
 
         log.info("loading the %s CPU kernels (the first time compiles them, about 30 s)", build)
+        source, folder = _build_folder(build)
         with status("building the C++ CPU kernels (once, about 30 s)"), _stdout_to_stderr():
-            load(name=f"llama_cpu_{build}", sources=[SOURCE], is_python_module=False,
+            load(name=f"llama_cpu_{build}", sources=[source], build_directory=folder, is_python_module=False,
                  extra_cflags=["-O3", "-fopenmp", *FLAGS[build]], extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler, no ninja, a failed build: all mean "use PyTorch ops"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -70,6 +72,25 @@ def _load() -> str:
         return ""
     _register_fakes()
     return build
+
+
+def _build_folder(build: str) -> tuple[str, str]:
+    """(source, folder) of a build, named by the source's content and the flags. The source is
+    copied there, so every install of the same code (a virtual environment, a checkout, another
+    folder) shares one build instead of rebuilding whenever the path changes."""
+    with open(SOURCE, "rb") as f:
+        code = f.read()
+    digest = hashlib.sha256(code + " ".join(FLAGS[build]).encode()).hexdigest()[:16]
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
+    folder = os.path.join(root, "llama", f"{build}-{digest}")
+    os.makedirs(folder, exist_ok=True)
+    source = os.path.join(folder, os.path.basename(SOURCE))
+    if not os.path.isfile(source):
+        tmp = f"{source}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(code)
+        os.replace(tmp, source)  # whole, even with several processes starting at once
+    return source, folder
 
 
 @contextlib.contextmanager

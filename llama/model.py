@@ -48,39 +48,11 @@ class ModelArgs:
     tie_word_embeddings: bool = False
 
     @classmethod
-    def from_params(cls, params: dict, source: str = "params.json") -> "ModelArgs":
-        """ModelArgs from a `params.json` dict; an unknown key is an error naming it."""
+    def from_params(cls, params: dict) -> "ModelArgs":
+        """ModelArgs from a `params.json` dict, leaving out keys that are not fields (unchecked:
+        llama.config.validate checks the values)."""
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise ValueError(
-                f"{source} has unknown key(s) {unknown}; known keys are {sorted(known)}"
-            )
-        args = cls(**params)
-        args.check_llama3_fields(source)
-        return args
-
-    def check_llama3_fields(self, source: str) -> None:
-        """Raise ValueError (naming source) for kv heads, RoPE scaling or tying values the math cannot use."""
-        if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
-            raise ValueError(f"{source}: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
-        for flag in ("use_scaled_rope", "tie_word_embeddings"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ValueError(f"{source}: {flag} must be true or false, got {getattr(self, flag)!r}")
-        keys = ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_context")
-        numbers = {key: getattr(self, key) for key in keys}
-        given = [k for k, v in numbers.items() if v is not None]
-        if given and not self.use_scaled_rope:
-            raise ValueError(f"{source} sets {', '.join(given)} but not use_scaled_rope: true; add it or remove them")
-        for key in given:
-            value = numbers[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{source}: {key} must be a number > 0, got {value!r}")
-        if self.use_scaled_rope:
-            _, low, high, _ = self.rope_scaling
-            if not low < high:
-                raise ValueError(f"{source}: the RoPE low frequency factor ({low}) must be below the high "
-                                 f"frequency factor ({high})")
+        return cls(**{k: v for k, v in params.items() if k in known})
 
     @property
     def rope_scaling(self) -> tuple[float, float, float, int] | None:

@@ -43,15 +43,21 @@ def test_ckpt_dir_without_params_json(tmp_path, stories_tokenizer):
     one_clear_line(e, "params.json")
 
 
-def test_params_json_with_unknown_key(tmp_path, stories_tokenizer):
+def test_params_json_with_unknown_key_is_logged_and_loads(tmp_path, stories_tokenizer, caplog):
     shutil.copy(models_path("stories260K-meta", "consolidated.00.pth"), tmp_path)
     params = json.loads(open(models_path("stories260K-meta", "params.json")).read())
-    # A key of Meta's quantized Llama 3.2 releases (use_scaled_rope, this test's key before Llama 3
-    # support, is now known).
-    (tmp_path / "params.json").write_text(json.dumps({**params, "quantization_args": {"group_size": 32}}))
+    (tmp_path / "params.json").write_text(json.dumps({**params, "some_future_key": {"group_size": 32}}))
+    build(tmp_path, stories_tokenizer)
+    assert "ignored unknown key(s) some_future_key" in caplog.text
+
+
+def test_params_json_with_a_bad_value_names_file_key_and_value(tmp_path, stories_tokenizer):
+    shutil.copy(models_path("stories260K-meta", "consolidated.00.pth"), tmp_path)
+    params = json.loads(open(models_path("stories260K-meta", "params.json")).read())
+    (tmp_path / "params.json").write_text(json.dumps({**params, "n_heads": "8"}))
     with pytest.raises(ValueError) as e:
         build(tmp_path, stories_tokenizer)
-    one_clear_line(e, "quantization_args")
+    one_clear_line(e, "params.json: n_heads is '8'; it must be an integer")
 
 
 def test_params_json_that_does_not_match_weights(tmp_path, stories_tokenizer):

@@ -108,15 +108,17 @@ def test_scaled_frequencies_equal_transformers():
 
 
 @pytest.mark.parametrize("params, match", [
-    ({"use_scaled_rope": "yes"}, "use_scaled_rope must be true or false"),
+    ({"use_scaled_rope": "yes"}, "use_scaled_rope is 'yes'; it must be true or false"),
     ({"rope_scaling_factor": 32.0}, "sets rope_scaling_factor but not use_scaled_rope"),
-    ({"use_scaled_rope": True, "rope_scaling_factor": 0}, "rope_scaling_factor must be a number > 0"),
+    ({"use_scaled_rope": True, "rope_scaling_factor": 0}, "rope_scaling_factor is 0; it must be a finite number > 0"),
     ({"use_scaled_rope": True, "rope_high_freq_factor": 0.5}, "low frequency factor .* must be below"),
-    ({"n_heads": 4, "n_kv_heads": 3}, "n_heads=4 is not a multiple of n_kv_heads=3"),
+    ({"n_heads": 4, "n_kv_heads": 3}, "n_kv_heads is 3; it must be a divisor of the number of heads"),
 ])
 def test_bad_rope_params_name_the_key_and_file(params, match):
+    from llama.config import validate
+
     with pytest.raises(ValueError, match=match) as e:
-        ModelArgs.from_params({"dim": 64, **params}, source="x/params.json")
+        validate(ModelArgs.from_params({"dim": 64, **params}), "x/params.json")
     assert str(e.value).startswith("x/params.json")
 
 

@@ -34,9 +34,12 @@ def test_ffn_hidden_dim_follows_meta_rule(dim, multiple_of, mult, expected):
     assert args.ffn_hidden_dim == expected
 
 
-def test_unknown_params_key_is_named():
-    with pytest.raises(ValueError, match="rope_scaling"):
-        ModelArgs.from_params({"dim": 64, "rope_scaling": 8.0})
+def test_unknown_params_key_is_named_and_left_out(tmp_path, caplog):
+    from llama.checkpoint import read_params
+
+    (tmp_path / "params.json").write_text('{"dim": 64, "n_heads": 8, "some_future_key": 8.0}')
+    assert read_params(str(tmp_path)).dim == 64
+    assert "ignored unknown key(s) some_future_key" in caplog.text
 
 
 FP32 = FP32_ORDER  # the noise floor of summation order (conftest)

@@ -12,6 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from llama.config import validate
 from llama.formats.common import check_parallel_split, file_kind, shard, torch_load
 from llama.model import LLAMA3_ROPE_SCALING, ModelArgs
 from llama.parallel import local_kv_heads
@@ -89,7 +90,7 @@ def rope_fields(rope: dict, context: int | None, path: str) -> dict:
     Llama 3 scaling fields for type "llama3" (whose original context is max_position_embeddings,
     `context`, when not given, as in transformers); ValueError for any other type."""
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type == "default":
+    if rope_type in ("default", None):
         return {}
     if rope_type != "llama3":
         raise ValueError(f"{path} uses RoPE scaling {rope_type!r}; only plain RoPE and Llama 3's 'llama3' "
@@ -102,6 +103,12 @@ def rope_fields(rope: dict, context: int | None, path: str) -> dict:
     meta = dict(zip(HF_ROPE_KEYS.values(), LLAMA3_ROPE_SCALING))
     # Values equal to Meta's reference stay unset, so a params.json written from them is Meta's own.
     return {"use_scaled_rope": True, **{k: v for k, v in fields.items() if v != meta[k]}}
+
+
+# ModelArgs fields -> config.json keys, for messages that name what the user sees in the file.
+CONFIG_NAMES = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+                "n_kv_heads": "num_key_value_heads", "norm_eps": "rms_norm_eps", "hidden_dim": "intermediate_size",
+                "max_seq_len": "max_position_embeddings"}
 
 
 def read_config(ckpt_dir: str) -> ModelArgs:
@@ -117,7 +124,11 @@ def read_config(ckpt_dir: str) -> ModelArgs:
             f"{path} has model_type {cfg.get('model_type')!r}; only Hugging Face Llama checkpoints "
             "(model_type 'llama') can be loaded"
         )
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} holds a JSON {type(cfg).__name__}, not an object")
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"{path}: rope_parameters/rope_scaling is {rope!r}; it must be an object")
     if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias") or cfg.get("mlp_bias"):
         raise ValueError(f"{path} asks for a non-silu activation or biases, which Llama does not have")
     try:
@@ -129,17 +140,17 @@ def read_config(ckpt_dir: str) -> ModelArgs:
             n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
             vocab_size=cfg["vocab_size"],
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+            rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
             max_seq_len=cfg.get("max_position_embeddings", 2048),
             hidden_dim=cfg["intermediate_size"],
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             **rope_fields(rope, cfg.get("max_position_embeddings"), path),
         )
     except KeyError as e:
         raise ValueError(f"{path} has no {e.args[0]!r}; it is not a complete Llama config") from None
-    if cfg.get("head_dim", args.head_dim) * n_heads != dim:
-        raise ValueError(f"{path}: head_dim {cfg['head_dim']} x {n_heads} heads != hidden_size {dim}")
-    args.check_llama3_fields(path)
+    validate(args, path, CONFIG_NAMES)
+    if cfg.get("head_dim", args.head_dim) != args.head_dim:
+        raise ValueError(f"{path}: head_dim {cfg['head_dim']!r} x {n_heads} heads != hidden_size {dim}")
     return args
 
 

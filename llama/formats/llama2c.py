@@ -14,6 +14,7 @@ import struct
 
 import torch
 
+from llama.config import validate
 from llama.formats.common import check_parallel_split, shard
 from llama.model import ModelArgs
 
@@ -85,6 +86,7 @@ def read_header(path: str) -> tuple[ModelArgs, bool, int, tuple[str, ...]]:
         raise ValueError(f"{path!r} is not a checkpoint this loader knows (not Meta, Hugging Face or llama2.c)")
     args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                      vocab_size=abs(vocab_size), norm_eps=1e-5, max_seq_len=seq_len, hidden_dim=hidden_dim)
+    validate(args, f"{path!r} (llama2.c header)")
     return args, shared, header_bytes, order
 
 
