@@ -126,7 +126,7 @@ def test_bad_rope_params_name_the_key_and_file(params, match):
     ({"rope_type": "yarn", "factor": 4.0}, "RoPE scaling 'yarn'; only plain RoPE and Llama 3's 'llama3'"),
     ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}, "has no 'high_freq_factor'"),
     ({"rope_type": "llama3", "factor": -1.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
-     "rope_scaling_factor must be a number > 0"),
+     "rope_parameters' factor is -1.0; it must be a finite number > 0"),
 ])
 def test_bad_hf_rope_scaling_is_one_clear_line(tmp_path, rope, match):
     from conftest import LLAMA32_CONFIG

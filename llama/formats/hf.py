@@ -108,7 +108,11 @@ def rope_fields(rope: dict, context: int | None, path: str) -> dict:
 # ModelArgs fields -> config.json keys, for messages that name what the user sees in the file.
 CONFIG_NAMES = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
                 "n_kv_heads": "num_key_value_heads", "norm_eps": "rms_norm_eps", "hidden_dim": "intermediate_size",
-                "max_seq_len": "max_position_embeddings"}
+                "max_seq_len": "max_position_embeddings", "rope_theta": "rope_theta",
+                "rope_scaling_factor": "rope_parameters' factor",
+                "rope_low_freq_factor": "rope_parameters' low_freq_factor",
+                "rope_high_freq_factor": "rope_parameters' high_freq_factor",
+                "rope_original_context": "rope_parameters' original_max_position_embeddings"}
 
 
 def read_config(ckpt_dir: str) -> ModelArgs:
