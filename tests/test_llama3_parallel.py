@@ -16,6 +16,8 @@ from llama.model import ModelArgs, Transformer
 from llama.parallel import shard_model
 from llama.weights import load_weights
 
+# Greedy tokens compared: each step reads the 128,256 x 256 output matrix (fp32), ~10-50 ms here.
+N_TOKENS = 64
 # 16 query heads sharing 8 kv heads (70B's and 8B's ratio), tiny width.
 KV8 = {"dim": 256, "n_layers": 1, "n_heads": 16, "n_kv_heads": 8, "multiple_of": 64, "norm_eps": 1e-05,
        "rope_theta": 500000.0, "use_scaled_rope": True, "vocab_size": 96}
@@ -82,9 +84,9 @@ def test_kv_copies_on_16_ranks_are_meta_head_of_each_query_group(kv8):
 @pytest.fixture(scope="module")
 def torchrun_llama3(tmp_path_factory, llama3_meta_ckpt, llama32_hf) -> dict:
     out = tmp_path_factory.mktemp("torchrun3") / "results.pt"
-    paths = [llama3_meta_ckpt, llama32_hf[0]]
+    specs = [f"{llama3_meta_ckpt}#{N_TOKENS}", f"{llama32_hf[0]}#{N_TOKENS}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "mp_worker.py"), str(out), "-", *paths]
+           str(REPO / "tests" / "mp_worker.py"), str(out), "-", *specs]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -98,8 +100,8 @@ def test_torchrun_two_ranks_equal_one_process(torchrun_llama3, llama3_meta_ckpt,
     from mp_worker import run
 
     path = llama3_meta_ckpt if which == "meta" else llama32_hf[0]
-    one, two = run(path, "-"), torchrun_llama3[path]
-    assert len(two["tokens"]) == 200 and two["tokens"] == one["tokens"]
+    one, two = run(path, "-", max_gen_len=N_TOKENS), torchrun_llama3[f"{path}#{N_TOKENS}"]
+    assert len(two["tokens"]) == N_TOKENS and two["tokens"] == one["tokens"]
     assert two["text"] == one["text"]
     # fp32 logits of two half sums vs one sum: order noise, scaled by these logits' size (up to ~60).
     torch.testing.assert_close(two["logits"], one["logits"], atol=2e-4, rtol=0)
