@@ -37,7 +37,7 @@ PROGRESS_MIN_BYTES = 2**30
 
 
 def convert(src: str, dst: str, to: str = "meta", model_parallel_size: int = 1,
-            tokenizer_path: str | None = None, dtype: str | None = None) -> list[str]:
+            tokenizer_path: str | None = None, dtype: str | None = None, force: bool = False) -> list[str]:
     """Convert checkpoint `src` into the new directory `dst`; returns the files written.
 
     Args:
@@ -51,8 +51,8 @@ def convert(src: str, dst: str, to: str = "meta", model_parallel_size: int = 1,
         dtype: cast the weights ("float32", "float16", "bfloat16"); by default keep them.
     """
     dtype = _check_request(dst, to, model_parallel_size, dtype)
-    if to != "llama2c":
-        check_new_folder(dst)
+    if to != "llama2c" and not force:
+        check_new_folder(dst, "DST (or pass --force to replace it)")
     source_format = detect_format(src, flag="SRC")
     if tokenizer_path is None:
         try:
@@ -74,7 +74,7 @@ def convert(src: str, dst: str, to: str = "meta", model_parallel_size: int = 1,
                 os.remove(tmp)
         files += _copy_tokenizer(tokenizer_path, os.path.dirname(os.path.abspath(dst)))
     else:  # a new folder, renamed into place once complete
-        with new_folder(dst) as tmp:
+        with new_folder(dst, force=force) as tmp:
             files = _write(src, tmp, to, model_parallel_size, dtype, source_format, tokenizer_path)
             files += _copy_tokenizer(tokenizer_path, tmp)
     log.info("converted %s (%s) -> %s (%s): %s", src, source_format, dst, to, ", ".join(files))
@@ -183,9 +183,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model_parallel_size", type=int, default=1, help="shards to write with --to meta")
     p.add_argument("--tokenizer_path", help="tokenizer.model or tokenizer.json to copy beside the result")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating weights to this dtype")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists (once the new one is complete)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    files = convert(a.src, a.dst, a.to, a.model_parallel_size, a.tokenizer_path, a.dtype)
+    files = convert(a.src, a.dst, a.to, a.model_parallel_size, a.tokenizer_path, a.dtype, a.force)
     print(f"wrote {', '.join(files)} to {a.dst}")
 
 

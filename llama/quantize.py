@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def save_quantized(ckpt_dir: str, out_dir: str, mode: str, group_size: int = DEFAULT_GROUP_SIZE,
-                   dtype: str = "float16") -> None:
+                   dtype: str = "float16", force: bool = False) -> None:
     """Write a quantized Meta-layout checkpoint (params.json + consolidated.00.pth, and the
     tokenizer found beside the source) to the new folder out_dir, from any format
     `Llama.build` reads.
@@ -30,7 +30,8 @@ def save_quantized(ckpt_dir: str, out_dir: str, mode: str, group_size: int = DEF
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; pass float32, float16 or bfloat16")
     quant.check_mode(mode, group_size)
-    check_new_folder(out_dir, "OUT_DIR")
+    if not force:
+        check_new_folder(out_dir, "OUT_DIR (or pass --force to replace it)")
     args, state_dict = load_checkpoint(ckpt_dir, flag="CKPT_DIR")
     if quant.is_quantized(state_dict):
         raise ValueError(f"{ckpt_dir!r} is already quantized; pass a floating-point checkpoint")
@@ -41,7 +42,7 @@ def save_quantized(ckpt_dir: str, out_dir: str, mode: str, group_size: int = DEF
     except ValueError:
         tokenizer = None
         log.warning("no tokenizer beside %s; pass --tokenizer_path when loading %s", ckpt_dir, out_dir)
-    with new_folder(out_dir, "OUT_DIR") as tmp:
+    with new_folder(out_dir, "OUT_DIR", force) as tmp:
         quantized = quant.quantize_state_dict(state_dict, mode, group_size, DTYPES[dtype], "cpu")
         write_params(args, tmp)
         torch.save(quantized, os.path.join(tmp, "consolidated.00.pth"))
@@ -61,9 +62,10 @@ def main(argv: list[str] | None = None) -> None:
     flags.add_options(p, BuildOptions, ("quantize", "group_size"), quantize="int8")
     p.add_argument("--mode", dest="quantize", choices=quant.MODES, help=argparse.SUPPRESS)  # the old name
     p.add_argument("--dtype", default="float16", choices=sorted(DTYPES), help="of scales, embeddings and norms")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists (once the new one is complete)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    save_quantized(a.ckpt_dir, a.out_dir, a.quantize, a.group_size, a.dtype)
+    save_quantized(a.ckpt_dir, a.out_dir, a.quantize, a.group_size, a.dtype, a.force)
 
 
 if __name__ == "__main__":

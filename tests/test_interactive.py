@@ -158,3 +158,17 @@ def test_chat_under_torchrun_follows_rank_0(stories_tokenizer):
     answers = [blocks[0], blocks[1], blocks[2].removeprefix("(conversation cleared)").strip()]
     assert all(answers) and len(blocks) == 3
     assert answers[2] == answers[0] != answers[1]  # after /reset the first question gets the first answer
+
+
+def test_invalid_utf8_on_stdin_keeps_the_conversation():
+    cmd = [sys.executable, "-m", "llama.cli", "chat", "--ckpt_dir", models_path("stories260K-meta"),
+           "--tokenizer_path", models_path("stories260K", "tok512.model"), "--device", "cpu",
+           "--temperature", "0", "--max_gen_len", "8", "--log_level", "debug"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    lines = b"Hello \xff\xfe there\nWhat next?\n"
+    proc = subprocess.run(cmd, input=lines, capture_output=True, env=env, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    err = proc.stderr.decode()
+    turns = {int(m[1]): int(m[2]) for m in TURN_RE.finditer(err)}
+    assert turns == {1: 0, 2: 1}  # both lines answered; the second turn still holds the first exchange
+    assert "Hello \ufffd\ufffd there" in proc.stdout.decode()  # echoed as a terminal would show it

@@ -203,3 +203,19 @@ def test_converting_a_quantized_checkpoint_is_refused_clearly(tmp_path):
     with pytest.raises(ValueError, match="quantized checkpoint; convert reads floating-point"):
         convert(str(tmp_path / "q"), str(tmp_path / "hf"), to="hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_force_replaces_an_existing_folder_once_the_new_one_is_complete(tmp_path):
+    from llama.quantize import main
+
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "old.txt").write_text("the user's old file")
+    with pytest.raises(ValueError, match="--force"):
+        main([models_path("stories260K-meta"), str(out)])
+    with pytest.raises(FileNotFoundError):  # a failed run with --force leaves the old folder alone
+        main([str(tmp_path / "missing"), str(out), "--force"])
+    assert os.listdir(out) == ["old.txt"]
+    main([models_path("stories260K-meta"), str(out), "--force", "--dtype", "float32"])
+    assert sorted(os.listdir(out)) == ["consolidated.00.pth", "params.json"]
+    assert sorted(os.listdir(tmp_path)) == ["q"]  # no old or temporary folder left

@@ -73,11 +73,13 @@ def check_new_folder(dst: str, flag: str = "DST") -> None:
 
 
 @contextlib.contextmanager
-def new_folder(dst: str, flag: str = "DST"):
+def new_folder(dst: str, flag: str = "DST", force: bool = False):
     """A temporary folder beside dst to write a checkpoint into, renamed to dst when the block ends
     without an error (removed when it fails), so dst is never left partly written. An existing
-    dst must be an empty folder: nothing is overwritten."""
-    check_new_folder(dst, flag)
+    dst must be an empty folder, unless `force`: then the old folder is replaced only once the
+    new one is complete."""
+    if not force:
+        check_new_folder(dst, flag)
     parent = os.path.dirname(os.path.abspath(dst))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(dst))}.", suffix=".partial", dir=parent)
@@ -86,9 +88,11 @@ def new_folder(dst: str, flag: str = "DST"):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private
+        old = f"{tmp}.old"
         if os.path.isdir(dst):
-            os.rmdir(dst)  # empty, checked above
+            os.rename(dst, old)  # empty, or replaced with force
         os.rename(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         disk = disk_error(e, dst)
