@@ -110,16 +110,21 @@ def cpu_layer(layer: nn.Module) -> nn.Module | None:
 
 
 def use_cpu_kernels(model: nn.Module) -> nn.Module:
-    """Swap each CPU linear layer for its faster form (in place, after loading)."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
+    """Swap each CPU linear layer for its faster form (in place, after loading). Only the parents
+    are listed up front: a repacked int4 layer's old weights are freed as soon as it is swapped,
+    so the model never holds two copies (a 7B int4 build would otherwise peak 3.5 GB higher)."""
+    parents = [m for m in model.modules() if any(n in LINEAR_NAMES for n, _ in m.named_children())]
+    for module in parents:
+        for name in LINEAR_NAMES:
+            child = getattr(module, name, None)
             weight = getattr(child, "weight", None)
-            if name not in LINEAR_NAMES or not isinstance(weight, torch.Tensor) or weight.device.type != "cpu":
+            if not isinstance(weight, torch.Tensor) or weight.device.type != "cpu":
                 continue
             new = cpu_layer(child)
             if new is not None:
+                repacked = isinstance(child, Int4Linear)
                 setattr(module, name, new)
-                if isinstance(child, Int4Linear):
-                    del child, new
+                del child, new, weight
+                if repacked:
                     trim_heap()
     return model

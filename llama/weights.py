@@ -25,11 +25,14 @@ def check_state_dict(model: nn.Module, state_dict: dict, source: str) -> None:
             parts.append(f"unexpected keys: {_describe_keys(unexpected)}")
         raise ValueError(f"checkpoint {source!r} does not match the model ({'; '.join(parts)})")
     for key, tensor in state_dict.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise ValueError(
-                f"checkpoint {source!r}: {key} has shape {tuple(tensor.shape)} but params give "
-                f"{tuple(expected[key].shape)}; params.json does not match the weights"
-            )
+        got, want = tuple(tensor.shape), tuple(expected[key].shape)
+        if got != want:
+            split = [g < w and w % g == 0 for g, w in zip(got, want)] if len(got) == len(want) else []
+            cause = ("the weights are a fraction of that size along one dimension: a shard file is "
+                     "probably missing; check that every consolidated.NN.pth is there" if sum(split) == 1
+                     else "the checkpoint's configuration does not match its weights")
+            raise ValueError(f"checkpoint {source!r}: {key} has shape {got} but its configuration gives {want}; "
+                             f"{cause}")
 
 
 def move_state_dict(state_dict: dict, device: torch.device, dtype: torch.dtype) -> dict:

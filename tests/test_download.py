@@ -282,6 +282,15 @@ def test_download_sh_hostile_servers(server, tmp_path, downloader):
     shard_gets = [r for p, r in server.requests if p == "/llama-2-7b/consolidated.00.pth"]
     assert shard_gets[-1] == "bytes=1000-", server.requests
 
+    os.remove(shard)  # a .part longer than the file (the server would answer 416): never renamed
+    part.write_bytes(WEIGHTS + b"extra")
+    (tmp_path / "llama-2-7b" / "consolidated.00.pth.part.validator").write_text(f'"{md5(WEIGHTS)}"')
+    proc = run_download_sh(url, tmp_path, downloader)
+    assert proc.returncode == 1 and "run this script again" in proc.stderr, proc.stderr
+    assert no_valid_looking_file(shard) and not part.exists()
+    proc = run_download_sh(url, tmp_path, downloader)
+    assert proc.returncode == 0 and shard.read_bytes() == WEIGHTS, proc.stderr
+
 
 def test_llama_download_command(server, tmp_path, monkeypatch, capsys):
     from llama.cli import main

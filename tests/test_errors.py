@@ -125,3 +125,11 @@ def test_unknown_device_or_dtype(stories_tokenizer, kwargs, words):
     with pytest.raises(ValueError) as e:
         build(models_path("stories260K-meta"), stories_tokenizer, **kwargs)
     one_clear_line(e, *words)
+
+
+def test_missing_shard_is_named_as_such(tmp_path, stories_tokenizer):
+    for name in ("params.json", "consolidated.00.pth"):  # consolidated.01.pth of two is missing
+        shutil.copy(models_path("stories260K-meta-mp2", name), tmp_path)
+    with pytest.raises(ValueError) as e:
+        build(tmp_path, stories_tokenizer)
+    one_clear_line(e, "a shard file is probably missing")
