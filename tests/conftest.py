@@ -202,3 +202,19 @@ def llama32_hf(tmp_path_factory, llama3_tokenizer_json):
     copy.deepcopy(model).to(torch.bfloat16).save_pretrained(path)
     shutil.copyfile(llama3_tokenizer_json, path / "tokenizer.json")
     return str(path), model
+
+
+@pytest.fixture(scope="session")
+def tok(llama3_tokenizer):
+    """The real Llama 3 tokenizer.model (tiktoken ranks), opened once."""
+    from llama import Tokenizer
+
+    return Tokenizer(llama3_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tok_json(llama3_tokenizer_json):
+    """The same tokenizer as a Hugging Face tokenizer.json, opened once."""
+    from llama import Tokenizer
+
+    return Tokenizer(llama3_tokenizer_json)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from llama import Llama, Tokenizer
+from llama import Llama
 from llama.chat import chat_format, check_dialog, encode_dialog
 
 DIALOGS = [
@@ -28,16 +28,6 @@ DIALOGS = [
     [{"role": "user", "content": "What is 6 x 7?"}, {"role": "assistant", "content": "calc(6 * 7)"},
      {"role": "tool", "content": "42"}],  # a tool's answer: Meta's "ipython" header
 ]
-
-
-@pytest.fixture(scope="module")
-def tok(llama3_tokenizer):
-    return Tokenizer(llama3_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def tok_json(llama3_tokenizer_json):
-    return Tokenizer(llama3_tokenizer_json)
 
 
 @pytest.mark.parametrize("i", range(len(DIALOGS)))

@@ -27,16 +27,6 @@ CORPUS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok(llama3_tokenizer):
-    return Tokenizer(llama3_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def tok_json(llama3_tokenizer_json):
-    return Tokenizer(llama3_tokenizer_json)
-
-
 def test_ids_and_kind(tok, llama3_reference_tokenizer):
     ref = llama3_reference_tokenizer
     assert tok.kind == "tiktoken"
