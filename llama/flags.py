@@ -85,8 +85,9 @@ def add_options(parser: argparse.ArgumentParser, cls, names: tuple[str, ...], **
 
 def pick(cls, namespace: argparse.Namespace) -> dict:
     """The fields of cls that namespace has (lists of None left out, so the default applies)."""
-    values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if hasattr(namespace, f.name)}
-    return {k: v for k, v in values.items() if v is not None or k not in ("stop", "stop_token_ids")}
+    fields = [f for f in dataclasses.fields(cls) if hasattr(namespace, f.name)]
+    return {f.name: getattr(namespace, f.name) for f in fields
+            if getattr(namespace, f.name) is not None or "list" not in f.metadata}
 
 
 def generation_flags(parser: argparse.ArgumentParser, build: tuple[str, ...] = BUILD, **defaults) -> None:
