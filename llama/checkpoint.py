@@ -1,7 +1,7 @@
 """Checkpoint files -> (ModelArgs, state dict in Meta's key names) for one model-parallel rank.
 
 `load_checkpoint` finds the format from the files and hands over to its reader: Meta's layout
-here, Hugging Face and llama2.c in `llama.formats`. Readers are plain functions over files;
+here, Hugging Face, llama2.c and GGUF in `llama.formats`. Readers are plain functions over files;
 none of them builds a module. Tensors come back memory-mapped where the format allows it, so
 loading never holds two copies of the weights.
 """
@@ -16,6 +16,7 @@ import torch
 
 from llama.config import validate
 from llama.formats.common import check_parallel_split, file_kind, torch_load
+from llama.formats.gguf import is_gguf, read_gguf, read_gguf_args
 from llama.formats.hf import read_config, read_hf
 from llama.formats.llama2c import read_header, read_llama2c
 from llama.model import ModelArgs
@@ -30,13 +31,18 @@ IGNORED_KEYS = ("rope.freqs",)
 TOKENIZER_NAMES = ("tokenizer.model", "tokenizer.json")
 
 
-def load_checkpoint(path: str, rank: int = 0, world_size: int = 1, flag: str = "--ckpt_dir") -> tuple[ModelArgs, dict]:
+def load_checkpoint(path: str, rank: int = 0, world_size: int = 1, flag: str = "--ckpt_dir",
+                    dtype: torch.dtype = torch.float32) -> tuple[ModelArgs, dict]:
     """Read any supported checkpoint and return (ModelArgs, state dict) for rank `rank` of `world_size`.
 
     The format is found from the files themselves (see `detect_format`). The state dict uses
-    Meta's key names and holds this rank's model-parallel shard.
+    Meta's key names and holds this rank's model-parallel shard. `dtype` is what GGUF's
+    quantized types other than Q4_0/Q4_1 are dequantized to; other formats keep their own.
     """
-    return READERS[detect_format(path, flag)](path, rank, world_size)
+    kind = detect_format(path, flag)
+    if kind == "gguf":
+        return read_gguf(path, rank, world_size, dtype)
+    return READERS[kind](path, rank, world_size)
 
 
 def read_args(path: str) -> ModelArgs:
@@ -47,11 +53,13 @@ def read_args(path: str) -> ModelArgs:
         return read_params(path)
     if kind == "hf":
         return read_config(path)
+    if kind == "gguf":
+        return read_gguf_args(path)
     return read_header(path)[0]
 
 
 def detect_format(path: str, flag: str = "--ckpt_dir") -> str:
-    """"meta", "hf" or "llama2c" for a checkpoint path; FileNotFoundError/ValueError (naming the
+    """"meta", "hf", "llama2c" or "gguf" for a checkpoint path; FileNotFoundError/ValueError (naming the
     flag or argument that gave the path) otherwise."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist; check {flag}")
@@ -66,8 +74,10 @@ def detect_format(path: str, flag: str = "--ckpt_dir") -> str:
         raise ValueError(
             f"{path!r} holds no known checkpoint layout (found: {', '.join(files[:8])}); expected "
             "Meta's params.json + consolidated.NN.pth or Hugging Face's config.json + weights "
-            f"(for a llama2.c .bin, pass the file itself); check {flag}"
+            f"(for a llama2.c .bin or a .gguf file, pass the file itself); check {flag}"
         )
+    if is_gguf(path):
+        return "gguf"
     kind = file_kind(path)
     if kind != "raw":
         raise ValueError(
@@ -80,9 +90,11 @@ def detect_format(path: str, flag: str = "--ckpt_dir") -> str:
 def find_tokenizer(ckpt_path: str) -> str:
     """The tokenizer beside a checkpoint: tokenizer.model (else tokenizer.json) in its directory (or
     next to its file), else in the folder above a checkpoint directory, where Meta's Llama 2
-    download puts it."""
+    download puts it. A GGUF file is its own tokenizer."""
     if not os.path.exists(ckpt_path):
         raise FileNotFoundError(f"checkpoint {ckpt_path!r} does not exist; check --ckpt_dir")
+    if is_gguf(ckpt_path):
+        return ckpt_path
     folder = os.path.abspath(ckpt_path if os.path.isdir(ckpt_path) else os.path.dirname(ckpt_path) or ".")
     candidates = [folder] + ([os.path.dirname(folder)] if os.path.isdir(ckpt_path) else [])
     for candidate in candidates:

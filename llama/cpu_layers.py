@@ -58,7 +58,9 @@ class AtenInt4Linear(nn.Module):
             rows = unpack_int4(layer.weight[lo : lo + REPACK_ROWS]).to(torch.int32)  # (rows, in)
             packed[lo : lo + REPACK_ROWS] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(rows, 1)
         self.register_buffer("weight", packed)
-        self.register_buffer("scales", torch.stack([layer.scales.t(), layer.zeros.t()], dim=-1).contiguous())
+        pairs = torch.stack([layer.scales.t(), layer.zeros.t()], dim=-1)  # (groups, out, 2)
+        # fp16 scales (GGUF's) are widened: the kernel computes in its scales' dtype.
+        self.register_buffer("scales", pairs.float() if pairs.dtype == torch.float16 else pairs.contiguous())
 
     @staticmethod
     def fits(layer: Int4Linear) -> bool:
@@ -97,7 +99,11 @@ class KernelInt4Linear(nn.Module):
 def cpu_layer(layer: nn.Module) -> nn.Module | None:
     """The faster replacement for one CPU linear layer, or None when it has none."""
     if isinstance(layer, Int4Linear):
-        for kind in (AtenInt4Linear, KernelInt4Linear):
+        # fp16 scales (GGUF's Q4_0) stay fp16 in llama.kernels, which widens them as it reads them;
+        # PyTorch's kernel would need them, and the activations, in one dtype.
+        order = (KernelInt4Linear, AtenInt4Linear) if layer.scales.dtype == torch.float16 else \
+            (AtenInt4Linear, KernelInt4Linear)
+        for kind in order:
             if kind.fits(layer):
                 return kind(layer)
         return None

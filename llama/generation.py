@@ -17,14 +17,14 @@ import torch
 
 from llama import parallel
 from llama.chat import Dialog, Message, encode_dialog
-from llama.checkpoint import find_tokenizer, load_checkpoint, match_vocab
+from llama.checkpoint import find_tokenizer, load_checkpoint, match_vocab, read_args
 from llama.decode import Row, StopCheck, check_prompts, decode_batch
 from llama.device import resolve_device, resolve_dtype
-from llama.memory import preflight
+from llama.memory import param_count, preflight
 from llama.model import Transformer
 from llama.options import REQUIRED, BuildOptions, GenerationOptions, takes_options
 from llama.prepare import compile_model, prepare_for_device
-from llama.quant import is_quantized, plan, quantize_state_dict
+from llama.quant import is_quantized, plan, quantize_state_dict, stored_layers
 from llama.quant_layers import quantize_model
 from llama.streaming import RowText
 from llama.tokenizer import Tokenizer
@@ -75,16 +75,17 @@ class Llama:
         rank, world = parallel.setup(o.model_parallel_size, dev)
         torch.manual_seed(o.seed)
         tokenizer = Tokenizer(o.tokenizer_path or find_tokenizer(o.ckpt_dir))
-        args, state_dict = load_checkpoint(o.ckpt_dir, rank, world)
+        dtype = resolve_dtype(o.dtype, dev, param_count(read_args(o.ckpt_dir), tokenizer.n_words))
+        args, state_dict = load_checkpoint(o.ckpt_dir, rank, world, dtype=dtype)
         args = dataclasses.replace(match_vocab(args, state_dict, tokenizer), max_seq_len=o.max_seq_len,
                                    max_batch_size=o.max_batch_size)
         stored = is_quantized(state_dict)
         mode, group_size = plan(state_dict, o.quantize, o.group_size, o.ckpt_dir)
-        dtype = resolve_dtype(o.dtype, dev, sum(t.numel() for t in state_dict.values()) * world)
         preflight(args, o.max_seq_len, o.max_batch_size, dtype, dev, mode, group_size, world, o.memory_limit)
 
         with torch.device("meta"):
-            model = quantize_model(parallel.shard_model(Transformer(args), world), mode, group_size, dtype)
+            model = quantize_model(parallel.shard_model(Transformer(args), world), mode, group_size, dtype,
+                                   stored_layers(state_dict) if stored else None)
         if mode and not stored:
             state_dict = quantize_state_dict(state_dict, mode, group_size, dtype, dev)
         load_weights(model, state_dict, dev, dtype, o.ckpt_dir)

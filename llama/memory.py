@@ -87,6 +87,13 @@ def _weight_bytes(fields: tuple, dtype: torch.dtype, quantize: str | None, group
     return sum(t.numel() * (b if t.is_floating_point() else t.element_size()) for t in tensors.values())
 
 
+def param_count(args: ModelArgs, vocab_size: int) -> int:
+    """Parameters of the whole model (vocab_size where args leave it to the tokenizer)."""
+    if args.vocab_size == -1:
+        args = dataclasses.replace(args, vocab_size=vocab_size)
+    return weight_bytes(args, torch.float32) // 4
+
+
 def estimate(args: ModelArgs, max_seq_len: int, max_batch_size: int, dtype: torch.dtype,
              quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE, world_size: int = 1,
              device_type: str = "cpu") -> MemoryEstimate:

@@ -240,8 +240,9 @@ class Transformer(nn.Module):
         self.max_seq_len = 0
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int) -> None:
-        """(Re)allocate the KV cache and rotary tables on the device and dtype of the embeddings."""
-        weight = self.tok_embeddings.weight
+        """(Re)allocate the KV cache and rotary tables on the device and dtype of the final norm
+        (the embeddings may be quantized)."""
+        weight = self.norm.weight
         p = self.params
         self.register_buffer(
             "rope", rope_tables(p.head_dim, max_seq_len, p.rope_theta, weight.device, p.rope_scaling),

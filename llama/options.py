@@ -25,7 +25,7 @@ def option(default, help: str, **flag):
 class BuildOptions:
     """What `Llama.build` takes."""
 
-    ckpt_dir: str = option(None, "a Meta or Hugging Face checkpoint directory, or a llama2.c .bin file")
+    ckpt_dir: str = option(None, "a Meta or Hugging Face checkpoint directory, or a llama2.c .bin or .gguf file")
     tokenizer_path: str | None = option(None, "the tokenizer.model or tokenizer.json; by default the one "
                                          "beside the checkpoint")
     max_seq_len: int = option(512, "longest prompt + generation the KV cache holds", type=int)

@@ -157,6 +157,17 @@ def is_quantized(state_dict: dict) -> str | None:
     return None
 
 
+def stored_layers(state_dict: dict) -> dict[str, torch.dtype | None]:
+    """{module name: scales dtype} of the layers a quantized state dict holds quantized. int4 scales
+    stored in fp16 (GGUF's Q4_0) stay fp16, which loses nothing; None: the build's dtype."""
+    layers = {}
+    for key, t in state_dict.items():
+        if key.endswith(".scales"):
+            name = key[: -len(".scales")]
+            layers[name] = t.dtype if t.dtype == torch.float16 and name + ".zeros" in state_dict else None
+    return layers
+
+
 def group_size_of(state_dict: dict) -> int:
     for key, t in state_dict.items():
         if key.endswith(".zeros"):

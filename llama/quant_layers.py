@@ -50,22 +50,54 @@ class Int4Linear(nn.Module):
         return F.linear(x, dequantize_int4(self.weight, self.scales, self.zeros).to(x.dtype))
 
 
+class Int4Embedding(nn.Module):
+    """An embedding table stored as int4 groups (GGUF's Q4_0/Q4_1 embeddings): rows are
+    dequantized as they are looked up, to `dtype`."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group_size: int, scale_dtype=torch.float32,
+                 dtype=torch.float32, device=None):
+        super().__init__()
+        self.group_size, self.dtype = group_size, dtype
+        groups = embedding_dim // group_size
+        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim // 2, dtype=torch.uint8,
+                                                   device=device))
+        self.register_buffer("scales", torch.empty(num_embeddings, groups, dtype=scale_dtype, device=device))
+        self.register_buffer("zeros", torch.empty(num_embeddings, groups, dtype=scale_dtype, device=device))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        flat = tokens.reshape(-1)  # (n,)
+        rows = dequantize_int4(self.weight[flat], self.scales[flat], self.zeros[flat])  # (n, dim)
+        return rows.to(self.dtype).view(*tokens.shape, -1)  # (..., dim)
+
+
 def quantize_model(model: nn.Module, mode: str | None, group_size: int = DEFAULT_GROUP_SIZE,
-                   dtype: torch.dtype = torch.float32) -> nn.Module:
+                   dtype: torch.dtype = torch.float32, layers: dict[str, torch.dtype | None] | None = None) -> nn.Module:
     """Swap every linear layer named in LINEAR_NAMES for its quantized form (in place, any device;
     on the meta device before loading). int4 needs in_features divisible by group_size; other
-    layers become int8 (logged). A no-op when mode is None."""
+    layers become int8 (logged). A no-op when mode is None.
+
+    `layers` ({module name: scales dtype, None for `dtype`}) limits the swap to the layers a
+    quantized checkpoint stores quantized, `tok_embeddings` included (see quant.stored_layers).
+    """
     if mode is None:
         return model
     check_mode(mode, group_size)
+    if layers is not None and "tok_embeddings" in layers:
+        vocab, dim = model.tok_embeddings.weight.shape
+        model.tok_embeddings = Int4Embedding(vocab, dim, group_size, layers["tok_embeddings"] or dtype, dtype,
+                                             model.tok_embeddings.weight.device)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
+            full_name = f"{name}.{child_name}" if name else child_name
             if child_name not in LINEAR_NAMES or not isinstance(child, nn.Linear):
+                continue
+            if layers is not None and full_name not in layers:
                 continue
             out_f, in_f = child.weight.shape  # this rank's shard
             device = child.weight.device
             if mode == "int4" and in_f % group_size == 0:
-                new = Int4Linear(in_f, out_f, group_size, dtype, device)
+                scale_dtype = (layers or {}).get(full_name) or dtype
+                new = Int4Linear(in_f, out_f, group_size, scale_dtype, device)
             else:
                 if mode == "int4":
                     log.info("%s.%s: in_features=%d not divisible by group_size=%d; using int8",

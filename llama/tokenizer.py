@@ -4,6 +4,8 @@
   tiktoken        Llama 3's tokenizer.model (base64 token + rank lines; `llama.bpe`)
   tokenizer.json  Hugging Face's tokenizer file (`llama.bpe`, read with the `tokenizers` library)
 
+and the tokenizer embedded in a GGUF file (`llama.gguf_vocab`), which works as one of the first two.
+
 The kind is found from the file's contents, never from its name.
 """
 
@@ -81,7 +83,12 @@ def _bpe_ids(model, path: str) -> tuple[int, int, int, list[int]]:
 def open_model(path: str):
     """The tokenizer model of a file, by its kind."""
     from llama.bpe import TiktokenModel, TokenizerJsonModel
+    from llama.formats.gguf import is_gguf, open_gguf
 
+    if is_gguf(path):  # the tokenizer embedded in a GGUF file's metadata
+        from llama.gguf_vocab import read_vocab
+
+        return read_vocab(path, open_gguf(path))
     kind = tokenizer_kind(path)
     model = {"sentencepiece": SentencePieceModel, "tiktoken": TiktokenModel,
              "tokenizer.json": TokenizerJsonModel}[kind](path)

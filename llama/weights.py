@@ -35,13 +35,16 @@ def check_state_dict(model: nn.Module, state_dict: dict, source: str) -> None:
                              f"{cause}")
 
 
-def move_state_dict(state_dict: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """Each floating tensor to device/dtype, one at a time; tied tensors stay tied."""
+def move_state_dict(state_dict: dict, device: torch.device, dtype: torch.dtype,
+                    keep: dict[str, torch.dtype] | None = None) -> dict:
+    """Each floating tensor to device/dtype (the keys of `keep` to their own dtype), one at a time;
+    tied tensors stay tied."""
     moved: dict[int, torch.Tensor] = {}
     out = {}
+    keep = keep or {}
     for key, t in progress(state_dict.items(), total=len(state_dict), desc="loading", unit="tensor"):
         if id(t) not in moved:
-            moved[id(t)] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+            moved[id(t)] = t.to(device=device, dtype=keep.get(key, dtype) if t.is_floating_point() else t.dtype)
             if moved[id(t)].data_ptr() != t.data_ptr():
                 release_pages(t)  # a converted copy: drop the file's pages we just read
         out[key] = moved[id(t)]
@@ -53,5 +56,7 @@ def load_weights(model: nn.Module, state_dict: dict, device: torch.device, dtype
     """Check the state dict against a model built on the meta device, then assign its tensors
     (moved to device, floating ones to dtype) in place of the meta ones."""
     check_state_dict(model, state_dict, source)
-    model.load_state_dict(move_state_dict(state_dict, device, dtype), strict=True, assign=True)
+    # Quantization scales take the dtype the quantized layers were built with.
+    keep = {k: t.dtype for k, t in model.state_dict().items() if k.endswith((".scales", ".zeros"))}
+    model.load_state_dict(move_state_dict(state_dict, device, dtype, keep), strict=True, assign=True)
     return model.requires_grad_(False).eval()
