@@ -5,6 +5,8 @@ are fp16, bf16, int8 or int4 with one of the layers below. They keep Meta's stat
 (`weight`, `scales`, `zeros`); int4 layers hold their weights in the kernel's packed layout.
 """
 
+from collections import Counter
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,15 +52,16 @@ class AtenInt4Linear(nn.Module):
     110M shape with compile: 189 tok/s against 163 with llama.kernels' int4). `scales` holds the
     kernel's (groups, out, 2) pairs of scale and zero."""
 
-    def __init__(self, layer: Int4Linear):
+    def __init__(self, layer: Int4Linear, in_place: bool = False):
         super().__init__()
         self.out_features, self.group_size = layer.out_features, layer.group_size
-        packed = torch.empty_like(layer.weight)  # the kernel packs blocks of 64 rows
+        packed = layer.weight if in_place else torch.empty_like(layer.weight)  # the kernel packs blocks of 64 rows
         for lo in range(0, layer.out_features, REPACK_ROWS):
             rows = unpack_int4(layer.weight[lo : lo + REPACK_ROWS]).to(torch.int32)  # (rows, in)
             packed[lo : lo + REPACK_ROWS] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(rows, 1)
         self.register_buffer("weight", packed)
-        pairs = torch.stack([layer.scales.t(), layer.zeros.t()], dim=-1)  # (groups, out, 2)
+        zeros = layer.zeros if layer.zeros.numel() else torch.zeros_like(layer.scales)  # none: Q4_0's 0
+        pairs = torch.stack([layer.scales.t(), zeros.t()], dim=-1)  # (groups, out, 2)
         # fp16 scales (GGUF's) are widened: the kernel computes in its scales' dtype.
         self.register_buffer("scales", pairs.float() if pairs.dtype == torch.float16 else pairs.contiguous())
 
@@ -78,10 +81,10 @@ class AtenInt4Linear(nn.Module):
 class KernelInt4Linear(nn.Module):
     """int4 through llama.kernels, for the shapes PyTorch's kernel refuses."""
 
-    def __init__(self, layer: Int4Linear):
+    def __init__(self, layer: Int4Linear, in_place: bool = False):
         super().__init__()
         self.group_size = layer.group_size
-        packed = torch.empty_like(layer.weight)
+        packed = layer.weight if in_place else torch.empty_like(layer.weight)
         for lo in range(0, layer.out_features, REPACK_ROWS):
             packed[lo : lo + REPACK_ROWS] = kernels.pack_int4(unpack_int4(layer.weight[lo : lo + REPACK_ROWS]))
         self.register_buffer("weight", packed)
@@ -96,8 +99,10 @@ class KernelInt4Linear(nn.Module):
         return kernels.linear_int4(x, self.weight, self.scales, self.zeros, self.group_size)
 
 
-def cpu_layer(layer: nn.Module) -> nn.Module | None:
-    """The faster replacement for one CPU linear layer, or None when it has none."""
+def cpu_layer(layer: nn.Module, in_place: bool = False) -> nn.Module | None:
+    """The faster replacement for one CPU linear layer, or None when it has none. `in_place`:
+    int4 weights are repacked in their own memory (rows are repacked block by block, each block
+    read whole before it is written), for weights no other module shares."""
     if isinstance(layer, Int4Linear):
         # fp16 scales (GGUF's Q4_0) stay fp16 in llama.kernels, which widens them as it reads them;
         # PyTorch's kernel would need them, and the activations, in one dtype.
@@ -105,7 +110,7 @@ def cpu_layer(layer: nn.Module) -> nn.Module | None:
             (AtenInt4Linear, KernelInt4Linear)
         for kind in order:
             if kind.fits(layer):
-                return kind(layer)
+                return kind(layer, in_place)
         return None
     if isinstance(layer, Int8Linear):
         return KernelInt8Linear(layer) if kernels.available() else None
@@ -120,13 +125,14 @@ def use_cpu_kernels(model: nn.Module) -> nn.Module:
     are listed up front: a repacked int4 layer's old weights are freed as soon as it is swapped,
     so the model never holds two copies (a 7B int4 build would otherwise peak 3.5 GB higher)."""
     parents = [m for m in model.modules() if any(n in LINEAR_NAMES for n, _ in m.named_children())]
+    uses = Counter(t.data_ptr() for t in model.state_dict(keep_vars=True).values())
     for module in parents:
         for name in LINEAR_NAMES:
             child = getattr(module, name, None)
             weight = getattr(child, "weight", None)
             if not isinstance(weight, torch.Tensor) or weight.device.type != "cpu":
                 continue
-            new = cpu_layer(child)
+            new = cpu_layer(child, in_place=uses[weight.data_ptr()] == 1)
             if new is not None:
                 repacked = isinstance(child, Int4Linear)
                 setattr(module, name, new)

@@ -11,13 +11,14 @@ import mmap
 import torch
 
 
-def release_pages(t: torch.Tensor) -> None:
+def release_pages(t: torch.Tensor, min_bytes: int = 1 << 20) -> None:
     """Drop a memory-mapped tensor's pages from this process (they stay in the page cache).
 
     Without this, reading every tensor of a memory-mapped checkpoint leaves all of it resident.
-    Only for CPU tensors inside a read-only-used file mapping (Linux); a no-op elsewhere.
+    Only for CPU tensors inside a read-only-used file mapping (Linux), of at least min_bytes
+    (each call reads /proc/self/maps); a no-op elsewhere.
     """
-    if t.device.type != "cpu" or not t.is_contiguous() or t.numel() * t.element_size() < (1 << 20):
+    if t.device.type != "cpu" or not t.is_contiguous() or t.numel() * t.element_size() < max(min_bytes, 1):
         return
     start = t.data_ptr()
     end = start + t.numel() * t.element_size()

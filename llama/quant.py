@@ -7,7 +7,7 @@ int4: asymmetric, one scale and zero per group of `group_size` inputs of a row:
 Checkpoint keys keep Meta's module names; a quantized linear `name` holds
   name.weight  int8 (out, in), or uint8 (out, in / 2) with two int4 values per byte, low nibble first
   name.scales  (out,) for int8, (out, in / group_size) for int4
-  name.zeros   (out, in / group_size), int4 only
+  name.zeros   (out, in / group_size), int4 only; (out, 0) when every zero is 0 (GGUF's Q4_0)
 Embeddings and norms stay in floating point. The modules that hold these tensors are in
 `llama.quant_layers`; writing a quantized checkpoint is `llama.quantize`.
 """
@@ -94,7 +94,9 @@ def dequantize_int4(packed, scales, zeros) -> torch.Tensor:
     out_f, in_f = q.shape
     groups = scales.shape[1]
     q = q.view(out_f, groups, in_f // groups)  # (out, groups, gs)
-    w = (q - 8) * scales.float().unsqueeze(-1) + zeros.float().unsqueeze(-1)
+    w = (q - 8) * scales.float().unsqueeze(-1)
+    if zeros.numel():
+        w = w + zeros.float().unsqueeze(-1)
     return w.view(out_f, in_f)
 
 
@@ -157,22 +159,25 @@ def is_quantized(state_dict: dict) -> str | None:
     return None
 
 
-def stored_layers(state_dict: dict) -> dict[str, torch.dtype | None]:
-    """{module name: scales dtype} of the layers a quantized state dict holds quantized. int4 scales
-    stored in fp16 (GGUF's Q4_0) stay fp16, which loses nothing; None: the build's dtype."""
+def stored_layers(state_dict: dict) -> dict[str, tuple[torch.dtype | None, bool]]:
+    """{module name: (scales dtype, has zeros)} of the layers a quantized state dict holds
+    quantized. int4 scales stored in fp16 (GGUF's Q4_0) stay fp16, which loses nothing; a None
+    dtype is the build's. Empty zeros (Q4_0's) stay empty."""
     layers = {}
     for key, t in state_dict.items():
         if key.endswith(".scales"):
             name = key[: -len(".scales")]
-            layers[name] = t.dtype if t.dtype == torch.float16 and name + ".zeros" in state_dict else None
+            zeros = state_dict.get(name + ".zeros")
+            keep = t.dtype == torch.float16 and zeros is not None
+            layers[name] = (t.dtype if keep else None, zeros is None or zeros.numel() > 0)
     return layers
 
 
 def group_size_of(state_dict: dict) -> int:
     for key, t in state_dict.items():
         if key.endswith(".zeros"):
-            w = state_dict[key[: -len("zeros")] + "weight"]
-            return w.shape[1] * 2 // t.shape[1]
+            w, scales = state_dict[key[: -len("zeros")] + "weight"], state_dict[key[: -len("zeros")] + "scales"]
+            return w.shape[1] * 2 // scales.shape[1]
     return DEFAULT_GROUP_SIZE
 
 

@@ -38,13 +38,14 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """y = x W^T with W stored as int4 groups of `group_size` inputs (see llama.quant)."""
 
-    def __init__(self, in_features: int, out_features: int, group_size: int, dtype=torch.float32, device=None):
+    def __init__(self, in_features: int, out_features: int, group_size: int, dtype=torch.float32, device=None,
+                 zeros: bool = True):
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         groups = in_features // group_size
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.empty(out_features, groups, dtype=dtype, device=device))
-        self.register_buffer("zeros", torch.empty(out_features, groups, dtype=dtype, device=device))
+        self.register_buffer("zeros", torch.empty(out_features, groups if zeros else 0, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, dequantize_int4(self.weight, self.scales, self.zeros).to(x.dtype))
@@ -55,14 +56,15 @@ class Int4Embedding(nn.Module):
     dequantized as they are looked up, to `dtype`."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, group_size: int, scale_dtype=torch.float32,
-                 dtype=torch.float32, device=None):
+                 dtype=torch.float32, device=None, zeros: bool = True):
         super().__init__()
         self.group_size, self.dtype = group_size, dtype
         groups = embedding_dim // group_size
         self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim // 2, dtype=torch.uint8,
                                                    device=device))
         self.register_buffer("scales", torch.empty(num_embeddings, groups, dtype=scale_dtype, device=device))
-        self.register_buffer("zeros", torch.empty(num_embeddings, groups, dtype=scale_dtype, device=device))
+        self.register_buffer("zeros", torch.empty(num_embeddings, groups if zeros else 0, dtype=scale_dtype,
+                                                  device=device))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         flat = tokens.reshape(-1)  # (n,)
@@ -71,21 +73,23 @@ class Int4Embedding(nn.Module):
 
 
 def quantize_model(model: nn.Module, mode: str | None, group_size: int = DEFAULT_GROUP_SIZE,
-                   dtype: torch.dtype = torch.float32, layers: dict[str, torch.dtype | None] | None = None) -> nn.Module:
+                   dtype: torch.dtype = torch.float32,
+                   layers: dict[str, tuple[torch.dtype | None, bool]] | None = None) -> nn.Module:
     """Swap every linear layer named in LINEAR_NAMES for its quantized form (in place, any device;
     on the meta device before loading). int4 needs in_features divisible by group_size; other
     layers become int8 (logged). A no-op when mode is None.
 
-    `layers` ({module name: scales dtype, None for `dtype`}) limits the swap to the layers a
-    quantized checkpoint stores quantized, `tok_embeddings` included (see quant.stored_layers).
+    `layers` ({module name: (scales dtype or None for `dtype`, has zeros)}) limits the swap to the
+    layers a quantized checkpoint stores quantized, `tok_embeddings` included (quant.stored_layers).
     """
     if mode is None:
         return model
     check_mode(mode, group_size)
     if layers is not None and "tok_embeddings" in layers:
         vocab, dim = model.tok_embeddings.weight.shape
-        model.tok_embeddings = Int4Embedding(vocab, dim, group_size, layers["tok_embeddings"] or dtype, dtype,
-                                             model.tok_embeddings.weight.device)
+        scale_dtype, zeros = layers["tok_embeddings"]
+        model.tok_embeddings = Int4Embedding(vocab, dim, group_size, scale_dtype or dtype, dtype,
+                                             model.tok_embeddings.weight.device, zeros)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full_name = f"{name}.{child_name}" if name else child_name
@@ -96,8 +100,8 @@ def quantize_model(model: nn.Module, mode: str | None, group_size: int = DEFAULT
             out_f, in_f = child.weight.shape  # this rank's shard
             device = child.weight.device
             if mode == "int4" and in_f % group_size == 0:
-                scale_dtype = (layers or {}).get(full_name) or dtype
-                new = Int4Linear(in_f, out_f, group_size, scale_dtype, device)
+                scale_dtype, zeros = (layers or {}).get(full_name, (None, True))
+                new = Int4Linear(in_f, out_f, group_size, scale_dtype or dtype, device, zeros)
             else:
                 if mode == "int4":
                     log.info("%s.%s: in_features=%d not divisible by group_size=%d; using int8",

@@ -119,7 +119,7 @@ void dense(const T* w, int64_t N, int64_t K, const float* x, int64_t M, const fl
 
 inline float to_float(float v) { return v; }
 
-// int4: w[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g], g = k / G, so that
+// int4: w[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g] (zero 0 when there are no zeros), g = k / G, so that
 // sum_k w x = sum_g scale * (q . x)_g + (zero - 8 scale) * xsum[m, g], xsum = sum of x over group g.
 // Bytes hold blocks of 64 values: byte j of block b = q[64 b + j] | q[64 b + 32 + j] << 4, so a
 // block's low nibbles are its first 32 values and its high nibbles the last 32. G is 32 (a block
@@ -171,9 +171,13 @@ inline void int4_tile(const uint8_t* w, int64_t K, int64_t G, const float* x, co
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const S* sr = scale + (n0 + r) * groups;
-      const S* zr = zero + (n0 + r) * groups;
       const float slo = to_float(sr[glo]), shi = to_float(sr[ghi]);
-      const float zlo = to_float(zr[glo]) - 8.0f * slo, zhi = to_float(zr[ghi]) - 8.0f * shi;
+      float zlo = -8.0f * slo, zhi = -8.0f * shi;  // no zeros (GGUF's Q4_0): w = (q - 8) scale
+      if (zero) {
+        const S* zr = zero + (n0 + r) * groups;
+        zlo += to_float(zr[glo]);
+        zhi += to_float(zr[ghi]);
+      }
 #pragma GCC unroll 4
       for (int m = 0; m < MT; ++m) {
         const float* xs = xsum + (m0 + m) * groups;
@@ -259,6 +263,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   return shaped_output(y, x, N);
 }
 
+template <typename S>
+const S* zeros_of(const at::Tensor& zeros) { return zeros.numel() ? zeros.data_ptr<S>() : nullptr; }
+
 // x (..., K); weight (N, K/2) uint8 in 32-value blocks; scales, zeros (N, K/G) of one float dtype
 // -> (..., N) in x's dtype
 at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
@@ -269,8 +276,9 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& weight, const at::
               K, " and ", G);
   TORCH_CHECK(weight.scalar_type() == at::kByte && weight.is_contiguous(), "weight must be contiguous uint8");
   TORCH_CHECK(scales.scalar_type() == zeros.scalar_type() && scales.is_contiguous() && zeros.is_contiguous() &&
-              scales.numel() == N * (K / G) && zeros.numel() == N * (K / G),
-              "scales and zeros must be contiguous, of one dtype and of shape (", N, ", ", K / G, ")");
+              scales.numel() == N * (K / G) && (zeros.numel() == N * (K / G) || zeros.numel() == 0),
+              "scales and zeros must be contiguous, of one dtype and of shape (", N, ", ", K / G,
+              ") (zeros may be empty)");
   at::Tensor xf = flat_input(x, K);
   const int64_t M = xf.size(0), groups = K / G;
   // Per-group sums of x: a plain loop, cheaper than ATen ops at one token.
@@ -287,11 +295,12 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& weight, const at::
   const float* xs = xsum.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   switch (scales.scalar_type()) {
-    case at::kFloat: int4_product(w, N, K, G, xin, xs, M, scales.data_ptr<float>(), zeros.data_ptr<float>(), yp); break;
+    case at::kFloat: int4_product(w, N, K, G, xin, xs, M, scales.data_ptr<float>(), zeros_of<float>(zeros), yp); break;
     case at::kHalf:
-      int4_product(w, N, K, G, xin, xs, M, scales.data_ptr<at::Half>(), zeros.data_ptr<at::Half>(), yp); break;
+      int4_product(w, N, K, G, xin, xs, M, scales.data_ptr<at::Half>(), zeros_of<at::Half>(zeros), yp); break;
     case at::kBFloat16:
-      int4_product(w, N, K, G, xin, xs, M, scales.data_ptr<at::BFloat16>(), zeros.data_ptr<at::BFloat16>(), yp); break;
+      int4_product(w, N, K, G, xin, xs, M, scales.data_ptr<at::BFloat16>(), zeros_of<at::BFloat16>(zeros), yp);
+      break;
     default: TORCH_CHECK(false, "unsupported scales dtype ", scales.scalar_type());
   }
   return shaped_output(y, x, N);

@@ -3,14 +3,15 @@ package (llama.cpp's own reader), memory-mapped, tensor by tensor.
 
 llama.cpp's converter stores q/k rows in Meta's interleaved order (it permutes Hugging Face's), so
 tensors only change names. Q4_0 and Q4_1 become the package's int4 in groups of 32 by moving
-nibbles, without dequantizing (Q4_0 keeps its fp16 scales, exact); F32, F16 and BF16 stay
+nibbles, without dequantizing (Q4_0 keeps its fp16 scales and stores no zeros: the same bytes as
+the file); F32, F16 and BF16 stay
 memory-mapped; every other type (Q8_0, Q5_*, the k-quants) is dequantized row block by row block
 with the gguf package's own code, to the build's dtype.
 """
 
-import functools
 import logging
 import os
+import threading
 import warnings
 
 import numpy as np
@@ -37,6 +38,7 @@ GGUF_NAMES = {"dim": "llama.embedding_length", "n_layers": "llama.block_count",
 INT4_TYPES = ("Q4_0", "Q4_1")
 FLOAT_TYPES = {"F32": None, "F16": None, "BF16": torch.bfloat16}
 _DEQUANT_CHUNK_ELEMENTS = 1 << 22  # fp32 temporaries of at most 16 MB while dequantizing
+_NIBBLE_CHUNK_ELEMENTS = 1 << 20  # uint8 temporaries of a few MB while moving Q4 nibbles
 _MISSING = object()
 
 
@@ -48,18 +50,62 @@ def is_gguf(path: str) -> bool:
         return f.read(4) == MAGIC
 
 
-def open_gguf(path: str):
-    """The gguf package's reader of path (kept for the next caller while the file is unchanged)."""
+_READERS: dict[tuple, object] = {}  # the last file opened: its key, its reader
+_READERS_LOCK = threading.Lock()
+
+
+def open_gguf(path: str, with_vocab: bool = False):
+    """The gguf package's reader of path, kept for the next caller while the file is unchanged.
+    `with_vocab`: with the tokenizer's fields, which `drop_vocab` removes once the tokenizer is
+    built (the reader holds each token and merge as a numpy array: 40 MB for 32,000 words)."""
     st = os.stat(path)
-    return _open(os.path.realpath(path), st.st_mtime_ns, st.st_size)
+    key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+    with _READERS_LOCK:
+        reader = _READERS.get(key)
+        if reader is None or (with_vocab and reader.vocab_dropped):
+            reader = read_whole(path)
+            _READERS.clear()
+            _READERS[key] = reader
+            if not with_vocab:
+                _drop_vocab(reader)
+        return reader
 
 
-@functools.lru_cache(maxsize=2)
-def _open(path: str, mtime_ns: int, size: int):
+def drop_vocab(reader) -> None:
+    """Forget the tokenizer's fields of a reader (the weights do not need them)."""
+    with _READERS_LOCK:
+        _drop_vocab(reader)
+
+
+def _drop_vocab(reader) -> None:
+    reader.fields = {k: f for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    reader.vocab_dropped = True
+    trim_heap()
+
+
+def _reader_class():
     from gguf import GGUFReader
 
+    class Reader(GGUFReader):
+        """GGUFReader whose views of the file are plain arrays: it makes one view per token, score
+        and merge, and a view of a numpy memmap costs 490 bytes where a plain one costs 120."""
+
+        @property
+        def data(self):
+            return self._plain
+
+        @data.setter
+        def data(self, mapped):
+            self.mapped, self._plain = mapped, mapped.view(np.ndarray)
+            self.vocab_dropped = False
+
+    return Reader
+
+
+def read_whole(path: str):
+    """The gguf package's reader of path, every field included; ValueError for a damaged file."""
     try:
-        return GGUFReader(path, "r")
+        return _reader_class()(path, "r")
     except Exception as e:  # the reader raises IndexError, ValueError, ... for a cut or damaged file
         raise ValueError(f"cannot read {path!r}: truncated or not a GGUF file ({type(e).__name__}: {e}); "
                          "download it again") from None
@@ -70,7 +116,7 @@ def field(reader, key: str, default=_MISSING):
     f = reader.fields.get(key)
     if f is None:
         if default is _MISSING:
-            raise ValueError(f"{reader.data.filename}: has no {key!r}; it is not a complete Llama GGUF file")
+            raise ValueError(f"{reader.mapped.filename}: has no {key!r}; it is not a complete Llama GGUF file")
         return default
     return f.contents()
 
@@ -198,7 +244,7 @@ def to_torch(tensor, dtype: torch.dtype, path: str) -> torch.Tensor:
             raise ValueError(f"{path}: tensor {tensor.name!r} has type {kind}, which the gguf package cannot "
                              "dequantize; requantize the file to Q4_K_M, Q8_0 or F16 with llama-quantize") from None
         out[lo : lo + step] = torch.from_numpy(values)
-    release_pages(_raw(tensor))
+    release_pages(_raw(tensor), min_bytes=0)
     trim_heap()
     return out.reshape(shape)
 
@@ -208,24 +254,25 @@ def int4_tensors(name: str, tensor) -> dict[str, torch.Tensor]:
 
     A block of 32 is (d fp16[, m fp16], 16 bytes): byte j holds value j (low nibble) and value
     16 + j (high nibble); w = (q - 8) d for Q4_0 and q d + m for Q4_1. Q4_0 keeps its fp16 scales
-    (zero 0, exact); Q4_1's zero m + 8 d is computed in fp32.
+    and no zeros (all 0); Q4_1's zero m + 8 d is computed in fp32.
     """
     kind = tensor.tensor_type.name
     out_f, in_f = _shape(tensor)
     header = 2 if kind == "Q4_0" else 4
     blocks = _raw(tensor).view(out_f, in_f // 32, header + 16)  # (out, groups, bytes of a block)
     packed = torch.empty(out_f, in_f // 2, dtype=torch.uint8)
-    step = max(1, _DEQUANT_CHUNK_ELEMENTS // in_f)
+    step = max(1, _NIBBLE_CHUNK_ELEMENTS // in_f)
     for lo in range(0, out_f, step):
         qs = blocks[lo : lo + step, :, header:]  # (rows, groups, 16)
         q = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(qs.shape[0], in_f // 2, 2)  # (rows, in/2, 2)
         torch.bitwise_or(q[..., 0], q[..., 1] << 4, out=packed[lo : lo + step])
     d = blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1)  # (out, groups)
     if kind == "Q4_0":
-        scales, zeros = d, torch.zeros_like(d)
+        scales, zeros = d, d.new_empty(out_f, 0)  # every zero is 0: none stored
     else:
         m = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float()
         scales, zeros = d.float(), m + 8 * d.float()
-    release_pages(_raw(tensor))
+    release_pages(_raw(tensor), min_bytes=0)
+    trim_heap()
     prefix = name[: -len("weight")]
     return {name: packed, prefix + "scales": scales, prefix + "zeros": zeros}
