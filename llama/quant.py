@@ -174,10 +174,10 @@ def stored_layers(state_dict: dict) -> dict[str, tuple[torch.dtype | None, bool]
 
 
 def group_size_of(state_dict: dict) -> int:
-    for key, t in state_dict.items():
+    for key in state_dict:
         if key.endswith(".zeros"):
-            w, scales = state_dict[key[: -len("zeros")] + "weight"], state_dict[key[: -len("zeros")] + "scales"]
-            return w.shape[1] * 2 // scales.shape[1]
+            prefix = key[: -len("zeros")]
+            return state_dict[prefix + "weight"].shape[1] * 2 // state_dict[prefix + "scales"].shape[1]
     return DEFAULT_GROUP_SIZE
 
 

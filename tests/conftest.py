@@ -62,7 +62,8 @@ def stories(stories_tokenizer):
 
 
 # Every shared form of stories260K; the torchrun fixture runs them all in one launch.
-STORIES_FORMS = ["stories260K-meta", "stories260K-meta-mp2", "stories260K-hf", "stories260K/stories260K.bin"]
+STORIES_FORMS = ["stories260K-meta", "stories260K-meta-mp2", "stories260K-hf", "stories260K/stories260K.bin",
+                 "tiny-gguf/stories260K-f32.gguf"]
 
 
 @pytest.fixture(scope="session")

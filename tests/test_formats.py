@@ -80,7 +80,7 @@ def test_rank_slices_are_views_of_the_mapped_files():
 
 
 def test_torchrun_two_ranks_give_reference_text(torchrun_results, reference_text):
-    """Meta (1 shard and 2), Hugging Face and llama2.c checkpoints on 2 processes (gloo, CPU)."""
+    """Meta (1 shard and 2), Hugging Face, llama2.c and GGUF checkpoints on 2 processes (gloo, CPU)."""
     assert {form: r["text"] for form, r in torchrun_results.items()} == {
         form: reference_text for form in STORIES_FORMS
     }

@@ -182,7 +182,7 @@ def test_q8_0_round_trip_gives_the_greedy_tokens_of_q8_0_weights(tmp_path, stori
     convert(models_path("stories260K-meta"), str(out), to="gguf", tokenizer_path=stories_tokenizer, outtype="q8_0")
     read = build(str(out))
     expected = build(models_path("stories260K-meta"), stories_tokenizer)
-    for key, w in expected.model.state_dict().items():
+    for w in expected.model.state_dict().values():
         if w.dim() == 2 and w.shape[1] % 32 == 0:
             w.copy_(q8_0(w))
         elif w.dim() == 2:  # rows of 172 (w2) are written as f16
@@ -288,3 +288,79 @@ def test_q4_0_load_grows_rss_by_less_than_1_3_file_sizes(tmp_path, llama2_tokeni
           f"the tokenizer keeps {tokenizer / 2**20:.1f} MiB ({(growth - tokenizer) / size:.2f}x without it)")
     assert growth - tokenizer < 1.3 * size
     assert tokenizer < 0.25 * size  # a vocabulary, not a copy of weights
+
+
+# ---------------------------------------------------------------- the command line and errors
+
+
+def test_llama_complete_prints_llama_cpp_text():
+    out = subprocess.run(["llama", "complete", "--ckpt_dir", gguf("stories260K-f32"), "--max_gen_len", "120",
+                          "--temperature", "0", PROMPT], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.removesuffix("\n") == llama_cpp_text("stories260K-f32")
+
+
+def write_gguf_file(path, arch: str = "llama", tensor_type=None, vocab: bool = True) -> str:
+    """A small GGUF file copied from stories260K-f32.gguf's metadata and tensors, with changes."""
+    from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType, GGUFWriter
+
+    source = GGUFReader(gguf("stories260K-f32"))
+    writer = GGUFWriter(str(path), arch)
+    for key, f in source.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or (not vocab and key.startswith("tokenizer.")):
+            continue
+        value_type = f.types[0]
+        if value_type == GGUFValueType.ARRAY:
+            writer.add_array(key, f.contents())
+        else:
+            writer.add_key_value(key, f.contents(), value_type)
+    for t in source.tensors:
+        data = np.array(t.data)
+        if tensor_type is not None and t.name == "blk.0.attn_q.weight":
+            block, size = GGML_QUANT_SIZES[tensor_type]
+            writer.add_tensor(t.name, np.zeros((64, 64 // block * size), dtype=np.uint8), raw_dtype=tensor_type)
+        else:
+            writer.add_tensor(t.name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+def error_of(path: str, **kw) -> str:
+    with pytest.raises(ValueError) as e:
+        build(path, **kw)
+    message = str(e.value)
+    assert "\n" not in message and len(message) < 400, message
+    return message
+
+
+def test_other_architectures_are_refused_in_one_line(tmp_path):
+    path = write_gguf_file(tmp_path / "qwen.gguf", arch="qwen2")
+    message = error_of(path, tokenizer=models_path("stories260K", "tok512.model"))
+    assert "general.architecture is 'qwen2'" in message and "llama" in message
+
+
+def test_a_tensor_type_nothing_can_read_is_named(tmp_path):
+    from gguf import GGMLQuantizationType
+
+    path = write_gguf_file(tmp_path / "q8_1.gguf", tensor_type=GGMLQuantizationType.Q8_1)
+    message = error_of(path)
+    assert "blk.0.attn_q.weight" in message and "Q8_1" in message
+
+
+def test_a_truncated_file_is_named(tmp_path):
+    data = open(gguf("stories260K-f32"), "rb").read()
+    for cut in (1000, len(data) - 5000):
+        path = tmp_path / f"cut{cut}.gguf"
+        path.write_bytes(data[:cut])
+        message = error_of(str(path))
+        assert "truncated" in message and str(path) in message
+
+
+def test_a_gguf_without_a_tokenizer_asks_for_one(tmp_path):
+    path = write_gguf_file(tmp_path / "novocab.gguf", vocab=False)
+    assert "--tokenizer_path" in error_of(path)
+    llama = build(path, tokenizer=models_path("stories260K", "tok512.model"))  # one given: it runs
+    assert complete(llama) == llama_cpp_text("stories260K-f32")

@@ -119,7 +119,7 @@ def write_gguf(args: ModelArgs, state_dict: dict, tokenizer, path: str, outtype:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for n, t, qtype in tensors:
+    for _, t, qtype in tensors:
         writer.write_tensor_data(encode(t, qtype))
         if progress is not None:
             progress.update(t.numel() * t.element_size())
