@@ -20,24 +20,14 @@ import base64
 import json
 import struct
 
-import gguf
-
 from llama.bpe import LLAMA3_PATTERN, TiktokenModel, llama3_special_tokens
+from llama.formats.gguf import read_whole
 from llama.tokenizer import SentencePieceModel  # llama.tokenizer imports this module only when it reads a GGUF
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # gguf.TokenType = sentencepiece's
 LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3")  # llama.cpp's names of Llama 3's pre-tokenizer
 SUPPORTED = "'llama' (sentencepiece) and 'gpt2' with tokenizer.ggml.pre 'llama-bpe' (Llama 3)"
 K = "tokenizer.ggml."
-
-
-def is_gguf(path) -> bool:
-    """Whether the file at path starts with GGUF's magic bytes."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"GGUF"
-    except OSError:
-        return False
 
 
 def _varint(n: int) -> bytes:
@@ -123,7 +113,7 @@ class GGUFTiktoken(TiktokenModel):
 def read_vocab(path, reader=None):
     """The tokenizer backend (GGUFSentencePiece or GGUFTiktoken) of the GGUF file at path;
     `reader`: the file's gguf.GGUFReader if it is open already."""
-    path, reader = str(path), reader if reader is not None else gguf.GGUFReader(path)
+    path, reader = str(path), reader if reader is not None else read_whole(str(path))
 
     def get(key, default=None):
         field = reader.fields.get(K + key)

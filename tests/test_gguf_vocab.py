@@ -11,7 +11,8 @@ from sentencepiece import SentencePieceProcessor
 import llama.tokenizer
 from conftest import models_path
 from llama.bpe import LLAMA3_PATTERN, llama3_special_tokens
-from llama.gguf_vocab import add_vocab, bpe_merges, byte_chars, is_gguf, pb, pb_fields, read_vocab, tokenizer_file
+from llama.formats.gguf import is_gguf
+from llama.gguf_vocab import add_vocab, bpe_merges, byte_chars, pb, pb_fields, read_vocab, tokenizer_file
 from llama.tokenizer import Tokenizer
 
 CORPUS = [
