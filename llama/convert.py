@@ -71,6 +71,8 @@ def convert(src: str, dst: str, to: str = "meta", model_parallel_size: int = 1,
             log.warning("no tokenizer beside %s; pass --tokenizer_path to copy one to the output", src)
     elif not os.path.isfile(tokenizer_path):
         raise FileNotFoundError(f"tokenizer {tokenizer_path!r} does not exist; check --tokenizer_path")
+    if to == "gguf" and tokenizer_path is None:
+        raise ValueError(f"a GGUF file embeds its tokenizer, and there is none beside {src!r}; pass --tokenizer_path")
     if to in SINGLE_FILE_FORMATS:  # one new file, written under a temporary name, beside anything there
         tmp = f"{dst}.partial"
         try:
@@ -162,8 +164,6 @@ def _write(src: str, dst: str, to: str, model_parallel_size: int, dtype: torch.d
         elif to == "hf":
             files = write_hf(args, cast(state_dict, dtype), dst, progress=bar, **_special_ids(tokenizer_path))
         elif to == "gguf":
-            if tokenizer_path is None:
-                raise ValueError("a GGUF file embeds its tokenizer; pass --tokenizer_path")
             outtype = outtype or GGUF_TYPES.get(state_dict["layers.0.attention.wq.weight"].dtype, "f32")
             files = [write_gguf(args, state_dict, Tokenizer(tokenizer_path), dst, outtype,
                                 name=os.path.basename(os.path.abspath(src)), progress=bar)]

@@ -114,8 +114,13 @@ def test_convert_errors(tmp_path):
     src = models_path("stories260K-meta")
     with pytest.raises(ValueError, match="divisible by the model-parallel size 3"):
         convert(src, str(tmp_path / "a"), to="meta", model_parallel_size=3)
-    with pytest.raises(ValueError, match="--to meta, hf or llama2c"):
-        convert(src, str(tmp_path / "b"), to="gguf")
+    with pytest.raises(ValueError, match="--to meta, hf, llama2c or gguf"):
+        convert(src, str(tmp_path / "b"), to="onnx")
+    with pytest.raises(ValueError, match="embeds its tokenizer, and there is none beside .*; pass --tokenizer_path"):
+        convert(src, str(tmp_path / "b.gguf"), to="gguf")
+    assert not (tmp_path / "b.gguf").exists() and not (tmp_path / "b.gguf.partial").exists()
+    with pytest.raises(ValueError, match="--outtype"):
+        convert(src, str(tmp_path / "b.gguf"), to="gguf", dtype="float16")
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "old.pth").write_bytes(b"")
     with pytest.raises(ValueError, match="not an empty folder"):
