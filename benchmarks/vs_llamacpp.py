@@ -12,6 +12,7 @@ figures are medians of --repeats runs. Not part of CI.
 """
 
 import argparse
+import functools
 import glob
 import json
 import os
@@ -166,20 +167,20 @@ def main() -> None:
             return
     print(f"load average at start: {os.getloadavg()[0]:.2f} (1 min); {a.threads} threads; "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
-    print("| model | type | test | llama.cpp tok/s | this package tok/s (best variant) | ratio |\n|---|---|---|---|---|---|")
+    print("| model | type | test | llama.cpp tok/s | this package tok/s (best variant) | ratio |")
+    print("|---|---|---|---|---|---|")
     for model in a.models.split(","):
         files = gguf_files(model, a.types.split(","), bin_dir)
         for t in a.types.split(","):
-            variants = {name: {**opts, "compile": a.compile} for name, opts in OURS[t]}
             for test in a.tests.split(","):
                 kind, n = test[:2], int(test[2:])
                 prompt, gen, batch = (n, 0, 1) if kind == "pp" else (0, 128, n)
                 if batch == 1:
-                    theirs = lambda: llama_bench(bin_dir, files[t], a.threads, prompt, gen)  # noqa: E731
+                    theirs = functools.partial(llama_bench, bin_dir, files[t], a.threads, prompt, gen)
                 else:
-                    theirs = lambda: llama_batched(bin_dir, files[t], a.threads, gen, batch)  # noqa: E731
-                mine = {name: (lambda o=o: ours(files[t], o, a.threads, prompt, gen, batch))
-                        for name, o in variants.items()}
+                    theirs = functools.partial(llama_batched, bin_dir, files[t], a.threads, gen, batch)
+                mine = {name: functools.partial(ours, files[t], {**opts, "compile": a.compile}, a.threads, prompt,
+                                                gen, batch) for name, opts in OURS[t]}
                 r = measure(f"{model} {t} {test}", theirs, mine, a.repeats)
                 print(f"| {model} | {t} | {test} | {r['llama.cpp']:.1f} | {r['ours']:.1f} ({r['variant']}) | "
                       f"{r['ratio']:.2f} |", flush=True)
