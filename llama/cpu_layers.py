@@ -1,7 +1,7 @@
 """CPU linear layers that decode through the fastest kernel there is, and the swap into a model.
 
-`use_cpu_kernels(model)` replaces, after loading, each linear layer on the CPU whose weights
-are fp16, bf16, int8 or int4 with one of the layers below. They keep Meta's state-dict keys
+`use_cpu_kernels(model)` replaces, after loading, each linear layer on the CPU (fp32, fp16,
+bf16, int8 or int4 weights) with one of the layers below. They keep Meta's state-dict keys
 (`weight`, `scales`, `zeros`); int4 layers hold their weights in the kernel's packed layout.
 """
 
@@ -19,9 +19,11 @@ from llama.quant_layers import Int4Linear, Int8Linear
 REPACK_ROWS = 1024  # int4 rows repacked at a time, to bound the temporaries
 
 
-class HalfLinear(nn.Module):
-    """fp16 or bf16 weights: llama.kernels for a few tokens (decode), F.linear for more (prefill),
-    whose bf16 matrix multiplies use the CPU's matrix units where it has them."""
+class DenseLinear(nn.Module):
+    """fp32, fp16 or bf16 weights: llama.kernels for a few tokens (decode), F.linear for more
+    (prefill), whose matrix multiplies use the CPU's matrix units where it has them. fp32 too:
+    measured on 110M-shape matrices (2 cores, AVX2), one token reads 14-19 GB/s through
+    llama.kernels against 9-14 GB/s through PyTorch's F.linear."""
 
     KERNEL_MAX_TOKENS = 4
 
@@ -115,8 +117,8 @@ def cpu_layer(layer: nn.Module, in_place: bool = False) -> nn.Module | None:
     if isinstance(layer, Int8Linear):
         return KernelInt8Linear(layer) if kernels.available() else None
     if (isinstance(layer, nn.Linear) and layer.bias is None
-            and layer.weight.dtype in (torch.float16, torch.bfloat16) and kernels.available()):
-        return HalfLinear(layer.weight)
+            and layer.weight.dtype in (torch.float32, torch.float16, torch.bfloat16) and kernels.available()):
+        return DenseLinear(layer.weight)
     return None
 
 

@@ -1,4 +1,4 @@
-"""C++ kernels for CPU linear layers whose weights are fp16, bf16, int8 or int4 (csrc/cpu_linear.cpp).
+"""C++ kernels for CPU linear layers whose weights are fp32, fp16, bf16, int8 or int4 (csrc/cpu_linear.cpp).
 
 PyTorch's own CPU paths for these weights convert or dequantize at a fraction of memory speed
 when decoding (one token per row); these kernels read each weight once and convert it in
@@ -124,7 +124,7 @@ def _register_fakes() -> None:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., in) @ weight (out, in)^T [* scales (out,)], weight fp16, bf16 or int8; in x's dtype."""
+    """x (..., in) @ weight (out, in)^T [* scales (out,)], weight fp32, fp16, bf16 or int8; in x's dtype."""
     return torch.ops.llama_cpu.linear(x, weight, scales)
 
 

@@ -9,7 +9,7 @@ from llama.progress import note
 
 def prepare_for_device(model: nn.Module) -> nn.Module:
     """Switch layers to the fastest kernels their device has (in place, after loading): on CPU,
-    llama.kernels for int8, fp16 and bf16 weights where they build, and for int4 the faster of
+    llama.kernels for fp32, fp16, bf16 and int8 weights where they build, and for int4 the faster of
     PyTorch's kernel and llama.kernels that the layer's shape allows. Elsewhere PyTorch's ops stay."""
     return use_cpu_kernels(model)
 

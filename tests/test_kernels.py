@@ -43,7 +43,7 @@ def _check_dense(tokens, n, k, wdtype):
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=2e-5 * k ** 0.5)
 
 
-@pytest.mark.parametrize("wdtype", [torch.float16, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 9])
 def test_dense_kernel_equals_float_product(tokens, wdtype):
     for n, k in SHAPES:
@@ -59,6 +59,11 @@ def _check_int4(tokens, n, k, group_size):
         s, z = scales.to(dtype), zeros.to(dtype)
         ref = x.double() @ Q.dequantize_int4(packed, s.float(), z.float()).double().t()
         got = kernels.linear_int4(x, kernels.pack_int4(Q.unpack_int4(packed)), s, z, group_size)
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=2e-5 * k ** 0.5)
+        # No zeros (GGUF's Q4_0): w = (q - 8) * scale.
+        none = z.new_empty(n, 0)
+        ref = x.double() @ Q.dequantize_int4(packed, s.float(), none).double().t()
+        got = kernels.linear_int4(x, kernels.pack_int4(Q.unpack_int4(packed)), s, none, group_size)
         torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=2e-5 * k ** 0.5)
 
 
@@ -129,10 +134,10 @@ def test_layers_use_the_kernels_and_match_the_fallback():
     block = Block()
     ref = F.linear(x.bfloat16().float(), block.wq.weight.float())
     prepare_for_device(block)
-    assert isinstance(block.wq, cpu_layers.HalfLinear)
+    assert isinstance(block.wq, cpu_layers.DenseLinear)
     torch.testing.assert_close(block.wq(x.bfloat16()).float(), ref, rtol=1e-2, atol=1e-2)
     assert list(block.state_dict()) == ["wq.weight"]  # Meta's key, unchanged
-    long = torch.randn(1, cpu_layers.HalfLinear.KERNEL_MAX_TOKENS + 1, 256).bfloat16()  # prefill: F.linear
+    long = torch.randn(1, cpu_layers.DenseLinear.KERNEL_MAX_TOKENS + 1, 256).bfloat16()  # prefill: F.linear
     torch.testing.assert_close(block.wq(long).float(), F.linear(long.float(), block.wq.weight.float()),
                                rtol=1e-2, atol=1e-2)
 

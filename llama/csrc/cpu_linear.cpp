@@ -1,4 +1,4 @@
-// y = x W^T for CPU, with W stored as fp16, bf16, int8 (per-row scales) or int4 (group-wise), for
+// y = x W^T for CPU, with W stored as fp32, fp16, bf16, int8 (per-row scales) or int4 (group-wise), for
 // the few-token inputs of decoding. Each weight is read once per call and converted in registers;
 // the arithmetic is fp32. Built by llama/kernels.py with -DLLAMA_AVX512 (16-wide) or without it
 // (AVX2, 8-wide).
@@ -21,6 +21,7 @@ inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
 inline vf vset1(float v) { return _mm512_set1_ps(v); }
 inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
+inline vf load_w(const float* p) { return _mm512_loadu_ps(p); }
 inline vf load_w(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
 inline vf load_w(const at::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
@@ -45,6 +46,7 @@ inline float vsum(vf a) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+inline vf load_w(const float* p) { return _mm256_loadu_ps(p); }
 inline vf load_w(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
 inline vf load_w(const at::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
@@ -57,6 +59,7 @@ inline void load_nibbles(const uint8_t* p, vf& lo, vf& hi) {
 }
 #endif
 
+inline float to_float(float v) { return v; }
 inline float to_float(at::Half v) { return static_cast<float>(v); }
 inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
 inline float to_float(int8_t v) { return static_cast<float>(v); }
@@ -117,7 +120,6 @@ void dense(const T* w, int64_t N, int64_t K, const float* x, int64_t M, const fl
   });
 }
 
-inline float to_float(float v) { return v; }
 
 // int4: w[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g] (zero 0 when there are no zeros), g = k / G, so that
 // sum_k w x = sum_g scale * (q . x)_g + (zero - 8 scale) * xsum[m, g], xsum = sum of x over group g.
@@ -240,7 +242,7 @@ void int4_product(const uint8_t* w, int64_t N, int64_t K, int64_t G, const float
 
 }  // namespace
 
-// x (..., K) float; weight (N, K) fp16/bf16/int8; scales (N,) float32 or empty -> (..., N) in x's dtype
+// x (..., K) float; weight (N, K) fp32/fp16/bf16/int8; scales (N,) float32 or empty -> (..., N) in x's dtype
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scales) {
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "weight must be a contiguous matrix");
   const int64_t N = weight.size(0), K = weight.size(1);
@@ -254,6 +256,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
     s = sf.data_ptr<float>();
   }
   switch (weight.scalar_type()) {
+    case at::kFloat: dense(weight.data_ptr<float>(), N, K, xf.data_ptr<float>(), M, s, y.data_ptr<float>()); break;
     case at::kHalf: dense(weight.data_ptr<at::Half>(), N, K, xf.data_ptr<float>(), M, s, y.data_ptr<float>()); break;
     case at::kBFloat16:
       dense(weight.data_ptr<at::BFloat16>(), N, K, xf.data_ptr<float>(), M, s, y.data_ptr<float>()); break;
