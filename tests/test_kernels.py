@@ -50,21 +50,32 @@ def test_dense_kernel_equals_float_product(tokens, wdtype):
         _check_dense(tokens, n, k, wdtype)
 
 
+def q8_0_input(x: torch.Tensor) -> torch.Tensor:
+    """x as the one-token int4 kernel sees it: llama.cpp's q8_0 of blocks of 32 (d = max|x| / 127
+    at fp16 precision, q = x / d rounded half away from zero), in float64."""
+    blocks = x.double().reshape(-1, 32)  # (blocks, 32)
+    d = blocks.abs().amax(dim=1, keepdim=True) / 127
+    q = torch.where(d > 0, blocks / d, torch.zeros_like(blocks))
+    q = torch.sign(q) * torch.floor(q.abs() + 0.5)
+    return (q * d.float().half().double()).reshape(x.shape)
+
+
 def _check_int4(tokens, n, k, group_size):
     g = torch.Generator().manual_seed(n + k + tokens + group_size)
     x = torch.randn(tokens, k, generator=g)
     packed, scales, zeros = Q.quantize_int4(torch.randn(n, k, generator=g), group_size)
-    # Half-precision scales and zeros too, as a bf16 or fp16 model stores them.
+    # One token: the kernel multiplies int8 blocks of x (as llama.cpp does); more: x itself.
+    seen = q8_0_input(x) if tokens == 1 else x.double()
+    # Half-precision scales and zeros too, as a bf16 or fp16 model stores them; and no zeros
+    # (GGUF's Q4_0: w = (q - 8) * scale).
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        s, z = scales.to(dtype), zeros.to(dtype)
-        ref = x.double() @ Q.dequantize_int4(packed, s.float(), z.float()).double().t()
-        got = kernels.linear_int4(x, kernels.pack_int4(Q.unpack_int4(packed)), s, z, group_size)
-        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=2e-5 * k ** 0.5)
-        # No zeros (GGUF's Q4_0): w = (q - 8) * scale.
-        none = z.new_empty(n, 0)
-        ref = x.double() @ Q.dequantize_int4(packed, s.float(), none).double().t()
-        got = kernels.linear_int4(x, kernels.pack_int4(Q.unpack_int4(packed)), s, none, group_size)
-        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=2e-5 * k ** 0.5)
+        for s, z in ((scales.to(dtype), zeros.to(dtype)), (scales.to(dtype), zeros.to(dtype)[:, :0])):
+            w = Q.dequantize_int4(packed, s.float(), z.float()).double()
+            got = kernels.linear_int4(x, kernels.pack_int4(Q.unpack_int4(packed)), s, z.contiguous(), group_size)
+            torch.testing.assert_close(got.double(), seen @ w.t(), rtol=1e-5, atol=2e-5 * k ** 0.5)
+            # int8 inputs move the result by well under 1% of its size
+            exact = x.double() @ w.t()
+            assert (got.double() - exact).norm() < 0.01 * exact.norm()
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])

@@ -6,6 +6,9 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <cmath>
+#include <vector>
+
 namespace {
 // Software prefetch distance (bytes) ahead of the weight being read, and how much of each thread's
 // first rows is requested before computing. Measured on 110M-shape decode (85 matrices of 0.6-25 MB
@@ -231,12 +234,96 @@ void int4_rows_parallel(const uint8_t* w, int64_t N, int64_t K, int64_t G, const
   });
 }
 
-// Rows per tile, measured on 1.1B-shape matrices (2 cores): one token 2 rows (4: -4%, 8: -17%);
-// 8 tokens 1 row (2: -4%, 4: -15%, register spills).
+// One token: x is quantized to int8 in blocks of 32 as llama.cpp's q8_0 does (d = max|x| / 127,
+// kept at fp16 precision; q = round(x / d)), and each block of 4-bit weights meets it in integer
+// multiply-adds (AVX2 maddubs: 32 products an instruction) instead of every weight becoming a float.
+// Measured (2 cores, AVX2, one token, group 32, fp16 scales): 32000x768 1.19 ms against 1.62 ms
+// with float products, 2048x768 96 us against 124; 110M-shape Q4_0 decode 58.4 tok/s against 52.7.
+inline float hsum256(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+void quantize_q8(const float* x, int64_t K, int8_t* q, float* d, float* qsum) {
+  for (int64_t b = 0; b < K / 32; ++b) {
+    const float* xb = x + b * 32;
+    float amax = 0.f;
+    for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(xb[k]));
+    const float db = amax / 127.f, id = db != 0.f ? 1.f / db : 0.f;
+    int sum = 0;
+    for (int k = 0; k < 32; ++k) {
+      const int v = (int)std::roundf(xb[k] * id);
+      q[b * 32 + k] = (int8_t)v;
+      sum += v;
+    }
+    d[b] = static_cast<float>(at::Half(db));
+    qsum[b] = (float)sum;
+  }
+}
+
+template <typename S, int R>
+inline void int4_q8_rows(const uint8_t* w, int64_t K, int64_t G, const int8_t* xq, const float* xd,
+                         const float* xqs, int64_t n0, const S* scale, const S* zero, float* y) {
+  const int64_t groups = K / G;
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 acc[R];
+  float off[R];
+  for (int r = 0; r < R; ++r) { acc[r] = _mm256_setzero_ps(); off[r] = 0.f; }
+  for (int64_t kb = 0; kb < K; kb += BLOCK) {
+    const __m256i xlo = _mm256_loadu_si256((const __m256i*)(xq + kb));
+    const __m256i xhi = _mm256_loadu_si256((const __m256i*)(xq + kb + 32));
+    const int64_t b0 = kb / 32, g0 = kb / G, g1 = (kb + 32) / G;  // blocks b0, b0 + 1 of 32
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* wb = w + (n0 + r) * (K / 2) + kb / 2;
+      _mm_prefetch((const char*)wb + PF, _MM_HINT_T0);
+      const __m256i bytes = _mm256_loadu_si256((const __m256i*)wb);
+      const __m256i qlo = _mm256_and_si256(bytes, low4), qhi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+      const __m256 plo = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(qlo, xlo), ones));
+      const __m256 phi = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(qhi, xhi), ones));
+      const S* sr = scale + (n0 + r) * groups;
+      const float s0 = to_float(sr[g0]), s1 = to_float(sr[g1]);
+      acc[r] = _mm256_fmadd_ps(plo, _mm256_set1_ps(s0 * xd[b0]), acc[r]);
+      acc[r] = _mm256_fmadd_ps(phi, _mm256_set1_ps(s1 * xd[b0 + 1]), acc[r]);
+      float z0 = -8.f * s0, z1 = -8.f * s1;  // w = (q - 8) s + z
+      if (zero) {
+        const S* zr = zero + (n0 + r) * groups;
+        z0 += to_float(zr[g0]);
+        z1 += to_float(zr[g1]);
+      }
+      off[r] += z0 * xd[b0] * xqs[b0] + z1 * xd[b0 + 1] * xqs[b0 + 1];
+    }
+  }
+  for (int r = 0; r < R; ++r) y[n0 + r] = hsum256(acc[r]) + off[r];
+}
+
+template <typename S>
+void int4_q8_product(const uint8_t* w, int64_t N, int64_t K, int64_t G, const float* x, const S* scale,
+                     const S* zero, float* y) {
+  std::vector<int8_t> xq(K);
+  std::vector<float> xd(K / 32), xqs(K / 32);
+  quantize_q8(x, K, xq.data(), xd.data(), xqs.data());
+  constexpr int R = 2;
+  at::parallel_for(0, (N + R - 1) / R, 8, [&](int64_t b, int64_t e) {
+    const char* start = (const char*)(w + b * R * K / 2);
+    const int64_t len = std::min<int64_t>(PF0, (std::min(e * R, N) - b * R) * K / 2);
+    for (int64_t off = 0; off < len; off += 64) _mm_prefetch(start + off, _MM_HINT_T0);
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t n0 = i * R;
+      if (n0 + R <= N) int4_q8_rows<S, R>(w, K, G, xq.data(), xd.data(), xqs.data(), n0, scale, zero, y);
+      else for (int64_t n = n0; n < N; ++n) int4_q8_rows<S, 1>(w, K, G, xq.data(), xd.data(), xqs.data(), n, scale, zero, y);
+    }
+  });
+}
+
+// One token: int8 inputs, 2 rows a tile. More: float products, 1 row a tile (measured on 1.1B-shape
+// matrices, 2 cores, 8 tokens: 2 rows -4%, 4 rows -15%, register spills).
 template <typename S>
 void int4_product(const uint8_t* w, int64_t N, int64_t K, int64_t G, const float* x, const float* xsum,
                   int64_t M, const S* scale, const S* zero, float* y) {
-  if (M == 1) int4_rows_parallel<S, 2>(w, N, K, G, x, xsum, M, scale, zero, y);
+  if (M == 1) int4_q8_product(w, N, K, G, x, scale, zero, y);
   else int4_rows_parallel<S, 1>(w, N, K, G, x, xsum, M, scale, zero, y);
 }
 
