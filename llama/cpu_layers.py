@@ -116,7 +116,8 @@ def cpu_layer(layer: nn.Module, in_place: bool = False) -> nn.Module | None:
         return None
     if isinstance(layer, Int8Linear):
         return KernelInt8Linear(layer) if kernels.available() else None
-    if (isinstance(layer, nn.Linear) and layer.bias is None
+    # A model-parallel slice of a memory-mapped file can be a strided view: PyTorch's ops take it.
+    if (isinstance(layer, nn.Linear) and layer.bias is None and layer.weight.is_contiguous()
             and layer.weight.dtype in (torch.float32, torch.float16, torch.bfloat16) and kernels.available()):
         return DenseLinear(layer.weight)
     return None

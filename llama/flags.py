@@ -20,7 +20,7 @@ from llama.progress import set_quiet
 log = logging.getLogger(__name__)
 # The build and sampling flags of the commands that generate (Meta's flag names).
 BUILD = ("ckpt_dir", "tokenizer_path", "max_seq_len", "max_batch_size", "device", "dtype", "quantize",
-         "group_size", "compile", "memory_limit", "seed")
+         "group_size", "compile", "memory_limit", "seed", "threads")
 SAMPLING = ("temperature", "top_p", "max_gen_len", "stop", "stop_token_ids")
 USER_ERRORS = (ValueError, TypeError, OSError, FloatingPointError)
 

@@ -27,6 +27,7 @@ from llama.prepare import compile_model, prepare_for_device
 from llama.quant import is_quantized, plan, quantize_state_dict, stored_layers
 from llama.quant_layers import quantize_model
 from llama.streaming import RowText
+from llama.threads import pick_threads
 from llama.tokenizer import Tokenizer
 from llama.weights import load_weights
 
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 # Meta's order for the options Meta's methods have; every other option is keyword-only.
 META_BUILD = ("ckpt_dir", "tokenizer_path", "max_seq_len", "max_batch_size", "model_parallel_size", "seed")
-EXTRA_BUILD = ("device", "dtype", "quantize", "group_size", "compile", "memory_limit")
+EXTRA_BUILD = ("device", "dtype", "quantize", "group_size", "compile", "memory_limit", "threads")
 META_OPTIONS = ("temperature", "top_p", "max_gen_len", "logprobs", "echo")
 EXTRA_OPTIONS = ("stop", "stop_token_ids", "seed")
 
@@ -73,6 +74,8 @@ class Llama:
         dev = resolve_device(o.device, parallel.local_rank())
         resolve_dtype(o.dtype, dev)  # reject an unknown name before any work
         rank, world = parallel.setup(o.model_parallel_size, dev)
+        if dev.type == "cpu":
+            pick_threads(o.threads)
         torch.manual_seed(o.seed)
         tokenizer = Tokenizer(o.tokenizer_path or find_tokenizer(o.ckpt_dir))
         dtype = resolve_dtype(o.dtype, dev, param_count(read_args(o.ckpt_dir), tokenizer.n_words))

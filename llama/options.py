@@ -40,6 +40,8 @@ class BuildOptions:
     group_size: int = option(DEFAULT_GROUP_SIZE, "int4 group size (32 keeps small models closer to float)",
                              type=int)
     compile: bool = option(False, "run the model through torch.compile")
+    threads: int | None = option(None, "CPU threads; by default the cores other processes leave idle "
+                                 "(OMP_NUM_THREADS when set)", type=int)
     memory_limit: str | int | None = option(None, "check the build against this size (e.g. 12GB) instead "
                                             "of the free memory")
 
@@ -49,6 +51,8 @@ class BuildOptions:
         _check_int(self, "group_size", 2)
         if self.model_parallel_size is not None:
             _check_int(self, "model_parallel_size", 1)
+        if self.threads is not None:
+            _check_int(self, "threads", 1)
         _check_int(self, "seed")
         if self.quantize is not None and self.quantize not in MODES:
             raise ValueError(f"unknown quantize={self.quantize!r}; pass quantize='int8', 'int4' or None")
