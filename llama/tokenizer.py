@@ -83,15 +83,13 @@ def _bpe_ids(model, path: str) -> tuple[int, int, int, list[int]]:
 def open_model(path: str):
     """The tokenizer model of a file, by its kind."""
     from llama.bpe import TiktokenModel, TokenizerJsonModel
-    from llama.formats.gguf import drop_vocab, is_gguf, open_gguf
+    from llama.formats.gguf import is_gguf, read_vocab_fields
 
     if is_gguf(path):  # the tokenizer embedded in a GGUF file's metadata
         from llama.gguf_vocab import read_vocab
 
-        reader = open_gguf(path, with_vocab=True)
-        backend = read_vocab(path, reader)
-        drop_vocab(reader)  # the weights are read from the same reader, without its per-token arrays
-        return backend
+        # The weights are read from the same reader after, without its per-token arrays.
+        return read_vocab_fields(path, lambda reader: read_vocab(path, reader))
     kind = tokenizer_kind(path)
     model = {"sentencepiece": SentencePieceModel, "tiktoken": TiktokenModel,
              "tokenizer.json": TokenizerJsonModel}[kind](path)

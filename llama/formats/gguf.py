@@ -54,27 +54,36 @@ _READERS: dict[tuple, object] = {}  # the last file opened: its key, its reader
 _READERS_LOCK = threading.Lock()
 
 
-def open_gguf(path: str, with_vocab: bool = False):
-    """The gguf package's reader of path, kept for the next caller while the file is unchanged.
-    `with_vocab`: with the tokenizer's fields, which `drop_vocab` removes once the tokenizer is
-    built (the reader holds each token and merge as a numpy array: 40 MB for 32,000 words)."""
+def open_gguf(path: str):
+    """The gguf package's reader of path without the tokenizer's fields, kept for the next caller
+    while the file is unchanged."""
+    with _READERS_LOCK:
+        return _reader(path, with_vocab=False)
+
+
+def read_vocab_fields(path: str, read):
+    """read(reader) on a reader of path that has the tokenizer's fields, which are dropped after
+    (the reader holds each token and merge as a numpy array: 40 MB for 32,000 words). One caller
+    at a time."""
+    with _READERS_LOCK:
+        reader = _reader(path, with_vocab=True)
+        try:
+            return read(reader)
+        finally:
+            _drop_vocab(reader)
+
+
+def _reader(path: str, with_vocab: bool):
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
-    with _READERS_LOCK:
-        reader = _READERS.get(key)
-        if reader is None or (with_vocab and reader.vocab_dropped):
-            reader = read_whole(path)
-            _READERS.clear()
-            _READERS[key] = reader
-            if not with_vocab:
-                _drop_vocab(reader)
-        return reader
-
-
-def drop_vocab(reader) -> None:
-    """Forget the tokenizer's fields of a reader (the weights do not need them)."""
-    with _READERS_LOCK:
-        _drop_vocab(reader)
+    reader = _READERS.get(key)
+    if reader is None or (with_vocab and reader.vocab_dropped):
+        reader = read_whole(path)
+        _READERS.clear()
+        _READERS[key] = reader
+        if not with_vocab:
+            _drop_vocab(reader)
+    return reader
 
 
 def _drop_vocab(reader) -> None:
