@@ -100,11 +100,18 @@ def dequantize_int4(packed, scales, zeros) -> torch.Tensor:
     return w.view(out_f, in_f)
 
 
+def row_slices(n_rows: int, n_cols: int, elements: int = _CHUNK_ELEMENTS):
+    """Slices of n_rows rows in blocks of about `elements` elements (a multiple of 64 rows), which
+    bound the temporaries of work done block by block on a big matrix."""
+    step = max(64, (elements // max(1, n_cols)) // 64 * 64)
+    for lo in range(0, n_rows, step):
+        yield slice(lo, lo + step)
+
+
 def _row_chunks(w: torch.Tensor):
     """(row slice, rows of w) in blocks of about _CHUNK_ELEMENTS elements."""
-    step = max(64, (_CHUNK_ELEMENTS // max(1, w.shape[1])) // 64 * 64)
-    for lo in range(0, w.shape[0], step):
-        yield slice(lo, lo + step), w[lo : lo + step]
+    for rows in row_slices(w.shape[0], w.shape[1]):
+        yield rows, w[rows]
 
 
 def quantize_state_dict(state_dict: dict, mode: str, group_size: int = DEFAULT_GROUP_SIZE,

@@ -21,6 +21,7 @@ from llama.config import validate
 from llama.formats.common import check_parallel_split, shard
 from llama.model import LLAMA3_ROPE_SCALING, ModelArgs, scale_frequencies
 from llama.pages import release_pages, trim_heap
+from llama.quant import row_slices
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,6 @@ GGUF_NAMES = {"dim": "llama.embedding_length", "n_layers": "llama.block_count",
               "vocab_size": "llama.vocab_size"}
 INT4_TYPES = ("Q4_0", "Q4_1")
 FLOAT_TYPES = {"F32": None, "F16": None, "BF16": torch.bfloat16}
-_DEQUANT_CHUNK_ELEMENTS = 1 << 22  # fp32 temporaries of at most 16 MB while dequantizing
 _NIBBLE_CHUNK_ELEMENTS = 1 << 20  # uint8 temporaries of a few MB while moving Q4 nibbles
 _MISSING = object()
 
@@ -245,14 +245,13 @@ def to_torch(tensor, dtype: torch.dtype, path: str) -> torch.Tensor:
         return (t.view(FLOAT_TYPES[kind]) if FLOAT_TYPES[kind] else t).reshape(shape)
     rows = tensor.data.reshape(-1, tensor.data.shape[-1])  # (rows, bytes per row)
     out = torch.empty(rows.shape[0], shape[-1], dtype=dtype)
-    step = max(1, _DEQUANT_CHUNK_ELEMENTS // shape[-1])
-    for lo in range(0, rows.shape[0], step):
+    for block in row_slices(rows.shape[0], shape[-1]):  # fp32 temporaries of at most 16 MB
         try:
-            values = quants.dequantize(rows[lo : lo + step], tensor.tensor_type)
+            values = quants.dequantize(rows[block], tensor.tensor_type)
         except NotImplementedError:
             raise ValueError(f"{path}: tensor {tensor.name!r} has type {kind}, which the gguf package cannot "
                              "dequantize; requantize the file to Q4_K_M, Q8_0 or F16 with llama-quantize") from None
-        out[lo : lo + step] = torch.from_numpy(values)
+        out[block] = torch.from_numpy(values)
     release_pages(_raw(tensor), min_bytes=0)
     trim_heap()
     return out.reshape(shape)
@@ -270,11 +269,10 @@ def int4_tensors(name: str, tensor) -> dict[str, torch.Tensor]:
     header = 2 if kind == "Q4_0" else 4
     blocks = _raw(tensor).view(out_f, in_f // 32, header + 16)  # (out, groups, bytes of a block)
     packed = torch.empty(out_f, in_f // 2, dtype=torch.uint8)
-    step = max(1, _NIBBLE_CHUNK_ELEMENTS // in_f)
-    for lo in range(0, out_f, step):
-        qs = blocks[lo : lo + step, :, header:]  # (rows, groups, 16)
+    for block in row_slices(out_f, in_f, _NIBBLE_CHUNK_ELEMENTS):
+        qs = blocks[block, :, header:]  # (rows, groups, 16)
         q = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(qs.shape[0], in_f // 2, 2)  # (rows, in/2, 2)
-        torch.bitwise_or(q[..., 0], q[..., 1] << 4, out=packed[lo : lo + step])
+        torch.bitwise_or(q[..., 0], q[..., 1] << 4, out=packed[block])
     d = blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1)  # (out, groups)
     if kind == "Q4_0":
         scales, zeros = d, d.new_empty(out_f, 0)  # every zero is 0: none stored

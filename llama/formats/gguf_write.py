@@ -14,13 +14,13 @@ import torch
 
 from llama.formats.gguf import LAYER_NAMES, TOP_NAMES
 from llama.model import ModelArgs, scale_frequencies
+from llama.quant import row_slices
 
 log = logging.getLogger(__name__)
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 _TO_GGUF_TOP = {meta: gguf for gguf, meta in TOP_NAMES.items()}
 _TO_GGUF_LAYER = {meta: gguf for gguf, meta in LAYER_NAMES.items()}
-_CHUNK_ELEMENTS = 1 << 22  # fp32 temporaries of at most 16 MB while quantizing
 
 
 def gguf_name(key: str) -> str:
@@ -53,10 +53,7 @@ def encode(t: torch.Tensor, qtype) -> np.ndarray:
     if qtype == Q.F16:
         return t.to(torch.float16).contiguous().numpy()
     rows = t.reshape(-1, t.shape[-1])  # (rows, in)
-    parts = []
-    step = max(1, _CHUNK_ELEMENTS // t.shape[-1])
-    for lo in range(0, rows.shape[0], step):
-        parts.append(quants.quantize(rows[lo : lo + step].float().numpy(), qtype))
+    parts = [quants.quantize(rows[block].float().numpy(), qtype) for block in row_slices(*rows.shape)]
     return np.concatenate(parts)
 
 
