@@ -11,7 +11,7 @@ setup(
     version="0.1.0",
     description="Meta's Llama 2 and Llama 3.x inference API, faithful to its checkpoints and runnable anywhere",
     packages=find_packages(include=["llama", "llama.*"]),
-    package_data={"llama": ["csrc/*.cpp"]},
+    package_data={"llama": ["csrc/*.cpp", "csrc/*.h"]},
     python_requires=">=3.10",
     install_requires=requirements(),
     entry_points={"console_scripts": ["llama=llama.cli:main"]},

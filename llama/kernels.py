@@ -1,4 +1,5 @@
-"""C++ kernels for CPU linear layers whose weights are fp32, fp16, bf16, int8 or int4 (csrc/cpu_linear.cpp).
+"""C++ kernels for CPU decoding (csrc/): linear layers whose weights are fp32, fp16, bf16, int8 or
+int4 (cpu_linear.cpp), and a whole decoder block for one decoding step (cpu_decode.cpp).
 
 PyTorch's own CPU paths for these weights convert or dequantize at a fraction of memory speed
 when decoding (one token per row); these kernels read each weight once and convert it in
@@ -21,7 +22,8 @@ from llama.progress import status
 
 log = logging.getLogger(__name__)
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_linear.cpp")
+CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+SOURCES = ("kernels.h", "cpu_linear.cpp", "cpu_decode.cpp")  # the header first: the .cpp files include it
 FLAGS = {  # builds, best first
     "avx512": ["-DLLAMA_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
@@ -62,9 +64,9 @@ def _load() -> str:
         from torch.utils.cpp_extension import load
 
         log.info("loading the %s CPU kernels (the first time compiles them, about 30 s)", build)
-        source, folder = _build_folder(build)
+        sources, folder = _build_folder(build)
         with status("building the C++ CPU kernels (once, about 30 s)"), _stdout_to_stderr():
-            load(name=f"llama_cpu_{build}", sources=[source], build_directory=folder, is_python_module=False,
+            load(name=f"llama_cpu_{build}", sources=sources, build_directory=folder, is_python_module=False,
                  extra_cflags=["-O3", "-fopenmp", *FLAGS[build]], extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler, no ninja, a failed build: all mean "use PyTorch ops"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -74,23 +76,26 @@ def _load() -> str:
     return build
 
 
-def _build_folder(build: str) -> tuple[str, str]:
-    """(source, folder) of a build, named by the source's content and the flags. The source is
-    copied there, so every install of the same code (a virtual environment, a checkout, another
+def _build_folder(build: str) -> tuple[list[str], str]:
+    """(.cpp sources, folder) of a build, named by the sources' content and the flags. The sources
+    are copied there, so every install of the same code (a virtual environment, a checkout, another
     folder) shares one build instead of rebuilding whenever the path changes."""
-    with open(SOURCE, "rb") as f:
-        code = f.read()
-    digest = hashlib.sha256(code + " ".join(FLAGS[build]).encode()).hexdigest()[:16]
+    code = {}
+    for name in SOURCES:
+        with open(os.path.join(CSRC, name), "rb") as f:
+            code[name] = f.read()
+    digest = hashlib.sha256(b"".join(code.values()) + " ".join(FLAGS[build]).encode()).hexdigest()[:16]
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
     folder = os.path.join(root, "llama", f"{build}-{digest}")
     os.makedirs(folder, exist_ok=True)
-    source = os.path.join(folder, os.path.basename(SOURCE))
-    if not os.path.isfile(source):
-        tmp = f"{source}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(code)
-        os.replace(tmp, source)  # whole, even with several processes starting at once
-    return source, folder
+    for name, text in code.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(text)
+            os.replace(tmp, path)  # whole, even with several processes starting at once
+    return [os.path.join(folder, n) for n in SOURCES if n.endswith(".cpp")], folder
 
 
 @contextlib.contextmanager
@@ -120,6 +125,10 @@ def _register_fakes() -> None:
     def _(x, weight, scales, zeros, group_size):
         return x.new_empty(*x.shape[:-1], weight.shape[0])
 
+    @torch.library.register_fake("llama_cpu::block_decode")
+    def _(x, weights, kinds, groups, attention_norm, ffn_norm, eps, cache_k, cache_v, pos, cos, sin, n_heads):
+        return torch.empty_like(x)
+
     _register_fakes.done = True
 
 
@@ -134,6 +143,16 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
     llama.quantize's int4 with q repacked by `pack_int4`; scales and zeros (out, in / group_size)
     fp32, fp16 or bf16. In x's dtype."""
     return torch.ops.llama_cpu.linear_int4(x, packed, scales, zeros, group_size)
+
+
+def block_decode(x: torch.Tensor, weights: list[torch.Tensor], kinds: list[int], groups: list[int],
+                 attention_norm: torch.Tensor, ffn_norm: torch.Tensor, eps: float, cache_k: torch.Tensor,
+                 cache_v: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 n_heads: int) -> torch.Tensor:
+    """One decoder block for x (B, 1, dim), one new token a row at positions pos (B,) int64; see
+    csrc/cpu_decode.cpp. Writes the keys and values into cache_k and cache_v."""
+    return torch.ops.llama_cpu.block_decode(x, weights, kinds, groups, attention_norm, ffn_norm, eps, cache_k,
+                                            cache_v, pos, cos, sin, n_heads)
 
 
 def int4_group_ok(in_features: int, group_size: int) -> bool:

@@ -3,6 +3,7 @@
 import torch
 from torch import nn
 
+from llama.cpu_decode import use_fused_decode
 from llama.cpu_layers import use_cpu_kernels
 from llama.progress import note
 
@@ -10,8 +11,9 @@ from llama.progress import note
 def prepare_for_device(model: nn.Module) -> nn.Module:
     """Switch layers to the fastest kernels their device has (in place, after loading): on CPU,
     llama.kernels for fp32, fp16, bf16 and int8 weights where they build, and for int4 the faster of
-    PyTorch's kernel and llama.kernels that the layer's shape allows. Elsewhere PyTorch's ops stay."""
-    return use_cpu_kernels(model)
+    PyTorch's kernel and llama.kernels that the layer's shape allows, and decoding steps of one C++
+    op a block (llama.cpu_decode). Elsewhere PyTorch's ops stay."""
+    return use_fused_decode(use_cpu_kernels(model))
 
 
 def compile_model(model: nn.Module, device: torch.device) -> nn.Module:

@@ -52,11 +52,11 @@ def test_dense_kernel_equals_float_product(tokens, wdtype):
 
 def q8_0_input(x: torch.Tensor) -> torch.Tensor:
     """x as the one-token int4 kernel sees it: llama.cpp's q8_0 of blocks of 32 (d = max|x| / 127
-    at fp16 precision, q = x / d rounded half away from zero), in float64."""
+    at fp16 precision, q = x / d rounded to nearest, ties to even), in float64."""
     blocks = x.double().reshape(-1, 32)  # (blocks, 32)
     d = blocks.abs().amax(dim=1, keepdim=True) / 127
     q = torch.where(d > 0, blocks / d, torch.zeros_like(blocks))
-    q = torch.sign(q) * torch.floor(q.abs() + 0.5)
+    q = torch.round(q)
     return (q * d.float().half().double()).reshape(x.shape)
 
 
