@@ -108,7 +108,12 @@ import json, sys, time, torch
 from llama import Llama
 path, options, threads, prompt, gen, batch = sys.argv[1], json.loads(sys.argv[2]), *map(int, sys.argv[3:7])
 torch.set_num_threads(threads)
-llm = Llama.build(path, max_seq_len=max(prompt, 16) + gen + 1, max_batch_size=batch, device="cpu", **options)
+llm = Llama.build(path, max_seq_len=max(prompt, 16) + gen + 1, max_batch_size=batch, device="cpu", threads=threads,
+                  **options)
+m = llm.model  # the bytes a decoding step reads: every block, the final norm and the output layer
+tensors = {t.data_ptr(): t for mod in [*m.layers, m.norm, m.output]
+           for name, t in [*mod.named_parameters(), *mod.named_buffers()] if "cache" not in name}
+nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
 g = torch.Generator().manual_seed(0)
 rows = [[1] + torch.randint(3, llm.model.vocab_size, (max(prompt, 16) - 1,), generator=g).tolist()
         for _ in range(batch)]
@@ -120,9 +125,9 @@ timed(rows, 4)  # warm-up and compilation
 t1, _ = timed(rows, 1)  # prefill and one token
 if gen:
     tn, n = timed(rows, gen)
-    print(json.dumps({"tg": (n - len(rows)) / (tn - t1)}))  # the tokens after the first of each row
+    print(json.dumps({"tg": (n - len(rows)) / (tn - t1), "bytes": nbytes}))  # tokens after each row's first
 else:
-    print(json.dumps({"pp": prompt / t1}))
+    print(json.dumps({"pp": prompt / t1, "bytes": nbytes}))
 """
 
 
@@ -131,7 +136,35 @@ def ours(path: str, options: dict, threads: int, prompt: int, gen: int, batch: i
                           str(gen), str(batch)], check=True, capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, "PYTHONPATH": REPO})
     result = json.loads(out.stdout.strip().splitlines()[-1])
+    OUR_BYTES[path, json.dumps(options)] = result["bytes"]
     return result["tg" if gen else "pp"]
+
+
+OUR_BYTES: dict[tuple[str, str], int] = {}  # (file, options): the bytes a decoding step reads
+
+
+def file_bytes_per_token(path: str) -> int:
+    """The bytes of a GGUF file that llama.cpp reads a decoding step: every tensor but the embedding
+    table, of which it reads one row (unless the output layer is that table)."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(path).tensors}
+    tied = "output.weight" not in tensors
+    return sum(n for name, n in tensors.items() if name != "token_embd.weight" or tied)
+
+
+def cpu_idle(seconds: float = 1.0) -> float:
+    """The share of all cores idle over `seconds` (/proc/stat): this VM's load average stays near 1
+    even when nothing runs, so the benchmark prints both."""
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v)
+
+    idle0, total0 = sample()
+    time.sleep(seconds)
+    idle1, total1 = sample()
+    return (idle1 - idle0) / max(total1 - total0, 1)
 
 
 # ---------------------------------------------------------------------------- main
@@ -165,10 +198,11 @@ def main() -> None:
         bin_dir = build_llama_cpp(WORK)
         if a.build:
             return
-    print(f"load average at start: {os.getloadavg()[0]:.2f} (1 min); {a.threads} threads; "
-          f"{time.strftime('%Y-%m-%d %H:%M')}")
-    print("| model | type | test | llama.cpp tok/s | this package tok/s (best variant) | ratio |")
-    print("|---|---|---|---|---|---|")
+    print(f"load average at start: {os.getloadavg()[0]:.2f} (1 min); CPU idle over 1 s: {cpu_idle():.0%}; "
+          f"{a.threads} threads; {time.strftime('%Y-%m-%d %H:%M')}")
+    print("| model | type | test | llama.cpp tok/s | this package tok/s (best variant) | ratio | MB a step read "
+          "(llama.cpp / this package) |")
+    print("|---|---|---|---|---|---|---|")
     for model in a.models.split(","):
         files = gguf_files(model, a.types.split(","), bin_dir)
         for t in a.types.split(","):
@@ -179,11 +213,13 @@ def main() -> None:
                     theirs = functools.partial(llama_bench, bin_dir, files[t], a.threads, prompt, gen)
                 else:
                     theirs = functools.partial(llama_batched, bin_dir, files[t], a.threads, gen, batch)
-                mine = {name: functools.partial(ours, files[t], {**opts, "compile": a.compile}, a.threads, prompt,
-                                                gen, batch) for name, opts in OURS[t]}
+                variants = {name: {**opts, "compile": a.compile} for name, opts in OURS[t]}
+                mine = {name: functools.partial(ours, files[t], opts, a.threads, prompt, gen, batch)
+                        for name, opts in variants.items()}
                 r = measure(f"{model} {t} {test}", theirs, mine, a.repeats)
+                mb = OUR_BYTES[files[t], json.dumps(variants[r["variant"]])] / 1e6
                 print(f"| {model} | {t} | {test} | {r['llama.cpp']:.1f} | {r['ours']:.1f} ({r['variant']}) | "
-                      f"{r['ratio']:.2f} |", flush=True)
+                      f"{r['ratio']:.2f} | {file_bytes_per_token(files[t]) / 1e6:.1f} / {mb:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,135 @@
+"""llama.cpu_decode: a decoding step of one C++ op a block, against a float64 model and the
+blocks' own PyTorch forward, on odd shapes, every weight kind, GQA and rows at different positions."""
+
+import pytest
+import torch
+
+from conftest import random_llama_weights
+from llama import kernels
+from llama.cpu_decode import FusedBlock
+from llama.model import ModelArgs, Transformer
+from llama.prepare import prepare_for_device
+from llama.quant import quantize_state_dict
+from llama.quant_layers import quantize_model
+
+# head_dim 24 and hidden 200: neither is a multiple of the vector width (8 or 16) nor of the row
+# tile; 6 heads share 2 kv heads. int4 needs whole blocks of 64: the second shape.
+ODD = ModelArgs(dim=144, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=301, hidden_dim=200)
+INT4 = ModelArgs(dim=128, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=301, hidden_dim=192)
+STEPS = 12
+
+
+def build(args: ModelArgs, dtype=torch.float32, quantize: str | None = None, prepared: bool = True) -> Transformer:
+    """A model of random weights (the same for every call), its caches for 3 rows of 64 positions."""
+    sd = random_llama_weights({k: v.shape for k, v in Transformer(args).state_dict().items()}, seed=3)
+    model = Transformer(args)
+    if quantize:  # fp32 scales; the norms and embeddings stay fp32
+        quantize_model(model, quantize, 32)
+        sd = quantize_state_dict(sd, quantize, 32)
+    model.load_state_dict(sd)
+    if not quantize:
+        model.to(dtype)
+    if prepared:
+        prepare_for_device(model)
+    model.setup_caches(3, 64)
+    return model.eval()
+
+
+def steps(model: Transformer, tokens: torch.Tensor, prompt_lens: list[int]) -> torch.Tensor:
+    """Logits of STEPS decoding steps after prompts of different lengths (rows at different positions)."""
+    out = []
+    with torch.inference_mode():
+        model(tokens[:, : max(prompt_lens)], 0)  # each row then steps on from its own length
+        pos = torch.tensor(prompt_lens)
+        for i in range(STEPS):
+            cur = tokens[torch.arange(len(prompt_lens)), pos + i][:, None]  # (b, 1)
+            out.append(model(cur, pos + i)[:, 0])
+    return torch.stack(out, 1)  # (b, steps, vocab)
+
+
+def tokens_for(args: ModelArgs) -> torch.Tensor:
+    return torch.randint(0, args.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
+
+
+def unfused(monkeypatch):
+    monkeypatch.setattr(FusedBlock, "MAX_ROWS", 0)  # every step through the blocks' PyTorch forward
+
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="the C++ kernels are tested in test_kernels")
+
+
+def test_blocks_are_fused_and_keep_meta_keys():
+    model = build(ODD)
+    assert all(isinstance(layer, FusedBlock) for layer in model.layers)
+    assert list(model.state_dict()) == list(Transformer(ODD).state_dict())
+
+
+@pytest.mark.parametrize("prompt_lens", [[5, 5, 5], [3, 9, 6]])
+def test_fp32_steps_equal_float64_model(prompt_lens):
+    """Same position in every row (an int position) and different ones (a tensor)."""
+    tokens = tokens_for(ODD)
+    got = steps(build(ODD), tokens, prompt_lens)
+    ref = steps(build(ODD, torch.float64, prepared=False), tokens, prompt_lens)
+    torch.testing.assert_close(got, ref.float(), rtol=1e-5, atol=2e-5)  # logits come back float32
+
+
+def test_kv_cache_holds_what_the_pytorch_block_writes(monkeypatch):
+    tokens = tokens_for(ODD)
+    fused, plain = build(ODD), build(ODD, prepared=False)
+    steps(fused, tokens, [4, 7, 5])
+    steps(plain, tokens, [4, 7, 5])
+    for a, b in zip(fused.layers, plain.layers):
+        torch.testing.assert_close(a.attention.cache.k, b.attention.cache.k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.attention.cache.v, b.attention.cache.v, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_models_no_less_accurate_than_pytorch(dtype, monkeypatch):
+    """fp16/bf16 weights, cache and residual stream: the op computes in fp32 between them, so it is at
+    least as close to the float64 model of the same weights as PyTorch's half-precision ops."""
+    tokens = tokens_for(ODD)
+    model = build(ODD, dtype)
+    ref = steps(build(ODD, dtype, prepared=False).double(), tokens, [4, 8, 6])
+    fused = (steps(model, tokens, [4, 8, 6]).double() - ref).abs().max()
+    unfused(monkeypatch)
+    plain = (steps(build(ODD, dtype), tokens, [4, 8, 6]).double() - ref).abs().max()
+    assert fused <= plain * 1.1 + 1e-3, (fused, plain)
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_steps_equal_the_layers_own_forward(quantize, monkeypatch):
+    """int8 (per-row scales) and int4 (PyTorch's int4pack kernel) layers: the op calls the same
+    kernels the layers do; fp16 scales and no zeros (GGUF's Q4_0) go through llama.kernels' int4."""
+    args = INT4 if quantize == "int4" else ODD
+    tokens = tokens_for(args)
+    got = steps(build(args, quantize=quantize), tokens, [4, 8, 6])
+    unfused(monkeypatch)
+    want = steps(build(args, quantize=quantize), tokens, [4, 8, 6])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_gguf_q4_0_layers(monkeypatch):
+    """llama.kernels' int4 layout with fp16 scales and no zeros, as a Q4_0 GGUF loads."""
+    from llama.quant_layers import Int4Linear
+
+    model = build(INT4, quantize="int4", prepared=False)
+    for child in model.modules():
+        if isinstance(child, Int4Linear):
+            child.scales = child.scales.half()
+            child.zeros = child.zeros[:, :0].half()
+    prepare_for_device(model)
+    assert type(model.layers[0].attention.wq).__name__ == "KernelInt4Linear"
+    tokens = tokens_for(INT4)
+    got = steps(model, tokens, [4, 8, 6])
+    unfused(monkeypatch)
+    torch.testing.assert_close(got, steps(model, tokens, [4, 8, 6]), rtol=1e-5, atol=1e-4)
+
+
+def test_layers_with_hooks_use_the_pytorch_forward():
+    """Model parallel's collectives are forward hooks on wo and w2: a fused step would skip them."""
+    tokens = tokens_for(ODD)
+    model, plain = build(ODD), build(ODD, prepared=False)
+    for m in (model, plain):
+        m.layers[1].attention.wo.register_forward_hook(lambda mod, inp, out: out + 1.0)
+    torch.testing.assert_close(steps(model, tokens, [5, 5, 5]), steps(plain, tokens, [5, 5, 5]),
+                               rtol=1e-5, atol=2e-5)
