@@ -32,8 +32,12 @@ def _check_dense(tokens, n, k, wdtype):
     w = torch.randn(n, k, generator=g)
     if wdtype == torch.int8:
         q, scales = Q.quantize_int8(w)
-        ref = x.double() @ Q.dequantize_int8(q, scales).double().t()
+        wd = Q.dequantize_int8(q, scales).double()
+        # One token: int8 weights meet x as q8_0 blocks (as int4 does), where they divide K.
+        ref = (q8_0_input(x) if tokens == 1 and k % 32 == 0 else x.double()) @ wd.t()
         got = kernels.linear(x, q, scales)
+        exact = x.double() @ wd.t()
+        assert (got.double() - exact).norm() < 0.01 * exact.norm()  # q8_0 inputs move it well under 1%
     else:
         wd = w.to(wdtype)
         ref = x.double() @ wd.double().t()
