@@ -55,7 +55,7 @@ def test_dense_kernel_equals_float_product(tokens, wdtype):
 
 
 def q8_0_input(x: torch.Tensor) -> torch.Tensor:
-    """x as the one-token int4 kernel sees it: llama.cpp's q8_0 of blocks of 32 (d = max|x| / 127
+    """x as the int4 kernel (and int8 at one token) sees it: llama.cpp's q8_0 of blocks of 32 (d = max|x| / 127
     at fp16 precision, q = x / d rounded to nearest, ties to even), in float64."""
     blocks = x.double().reshape(-1, 32)  # (blocks, 32)
     d = blocks.abs().amax(dim=1, keepdim=True) / 127
@@ -68,8 +68,8 @@ def _check_int4(tokens, n, k, group_size):
     g = torch.Generator().manual_seed(n + k + tokens + group_size)
     x = torch.randn(tokens, k, generator=g)
     packed, scales, zeros = Q.quantize_int4(torch.randn(n, k, generator=g), group_size)
-    # One token: the kernel multiplies int8 blocks of x (as llama.cpp does); more: x itself.
-    seen = q8_0_input(x) if tokens == 1 else x.double()
+    # The kernel multiplies int8 blocks of each row of x (as llama.cpp does).
+    seen = q8_0_input(x)
     # Half-precision scales and zeros too, as a bf16 or fp16 model stores them; and no zeros
     # (GGUF's Q4_0: w = (q - 8) * scale).
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -124,7 +124,7 @@ def test_wrong_input_width_is_an_error():
 
 def test_layers_use_the_kernels_and_match_the_fallback():
     """After prepare_for_device, int8, int4 and bf16 layers run the kernels and give what the
-    PyTorch fallback gives for the same weights."""
+    PyTorch fallback gives for the same weights (for int4, and its inputs as q8_0 blocks)."""
     g = torch.Generator().manual_seed(3)
     w = torch.randn(96, 256, generator=g)
     x = torch.randn(1, 2, 256, generator=g)
@@ -139,7 +139,7 @@ def test_layers_use_the_kernels_and_match_the_fallback():
     int4.weight, int4.scales, int4.zeros = Q.quantize_int4(w[:72], 64)
     fast4 = cpu_layers.cpu_layer(int4)
     assert isinstance(fast4, cpu_layers.KernelInt4Linear)
-    torch.testing.assert_close(fast4(x), int4(x), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fast4(x), int4(q8_0_input(x).float()), rtol=1e-5, atol=1e-4)  # x as int8 blocks
 
     class Block(torch.nn.Module):
         def __init__(self):
