@@ -29,7 +29,7 @@ def _linears(block: nn.Module) -> list[nn.Module]:
 class FusedBlock(nn.Module):
     """A TransformerBlock whose one-token steps run as one C++ op."""
 
-    MAX_ROWS = 8  # rows a step: the linear kernels read each weight once for all of them
+    MAX_ROWS = DenseLinear.KERNEL_MAX_TOKENS  # rows a step: the kernels read each weight once for all
 
     def __init__(self, block: TransformerBlock):
         super().__init__()

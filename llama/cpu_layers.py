@@ -23,9 +23,10 @@ class DenseLinear(nn.Module):
     """fp32, fp16 or bf16 weights: llama.kernels for a few tokens (decode), F.linear for more
     (prefill), whose matrix multiplies use the CPU's matrix units where it has them. fp32 too:
     measured on 110M-shape matrices (2 cores, AVX2), one token reads 14-19 GB/s through
-    llama.kernels against 9-14 GB/s through PyTorch's F.linear."""
+    llama.kernels against 9-14 GB/s through PyTorch's F.linear; 32000x768 at 8 and 16 tokens (a
+    decoding batch): fp32 9.8 and 13.1 ms against 30.9 and 35.2, fp16 6.2 and 12.7 against 24.4 and 43.2."""
 
-    KERNEL_MAX_TOKENS = 4
+    KERNEL_MAX_TOKENS = 16
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()

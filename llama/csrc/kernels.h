@@ -242,13 +242,18 @@ inline float block_factors(const S* sr, const S* zr, int64_t G, const Q8Rows& X,
   return o;
 }
 
-// (q - 8) . xq of the two blocks of 32 at kb of one weight row (bytes: its 32 packed bytes there)
-// with x row m, as two vectors of 8 int32 lanes.
-inline void int4_block_q8(__m256i bytes, const Q8Rows& X, int64_t m, int64_t kb, __m256& plo, __m256& phi) {
-  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+// (q - 8) . xq of the two blocks of 32 at kb of one weight row (qlo, qhi: its 64 values there, from
+// split_nibbles) with x row m, as two vectors of 8 int32 lanes.
+inline void split_nibbles(__m256i bytes, __m256i& qlo, __m256i& qhi) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  qlo = _mm256_and_si256(bytes, low4);
+  qhi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+}
+
+inline void int4_block_q8(__m256i qlo, __m256i qhi, const Q8Rows& X, int64_t m, int64_t kb, __m256& plo, __m256& phi) {
+  const __m256i ones = _mm256_set1_epi16(1);
   const int8_t* xm = X.q.data() + m * X.K + kb;
   const int32_t* e = X.eight.data() + (m * X.K + kb) / 4;
-  const __m256i qlo = _mm256_and_si256(bytes, low4), qhi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
   const __m256i ilo = _mm256_madd_epi16(_mm256_maddubs_epi16(qlo, _mm256_loadu_si256((const __m256i*)xm)), ones);
   const __m256i ihi = _mm256_madd_epi16(_mm256_maddubs_epi16(qhi, _mm256_loadu_si256((const __m256i*)(xm + 32))), ones);
   plo = _mm256_cvtepi32_ps(_mm256_sub_epi32(ilo, _mm256_loadu_si256((const __m256i*)e)));
@@ -271,8 +276,10 @@ inline void int4_q8_rows(const uint8_t* w, int64_t G, const Q8Rows& X, int64_t n
     for (int r = 0; r < R; ++r) {
       const uint8_t* wb = w + (n0 + r) * (K / 2) + kb / 2;
       _mm_prefetch((const char*)(wb + ahead * K / 2), _MM_HINT_T0);
+      __m256i qlo, qhi;
       __m256 plo, phi;
-      int4_block_q8(_mm256_loadu_si256((const __m256i*)wb), X, 0, kb, plo, phi);
+      split_nibbles(_mm256_loadu_si256((const __m256i*)wb), qlo, qhi);
+      int4_block_q8(qlo, qhi, X, 0, kb, plo, phi);
       acc[r] = _mm256_fmadd_ps(plo, _mm256_broadcast_ss(f + r * nb + kb / 32), acc[r]);
       acc[r] = _mm256_fmadd_ps(phi, _mm256_broadcast_ss(f + r * nb + kb / 32 + 1), acc[r]);
     }
@@ -296,11 +303,12 @@ inline void int4_q8_tokens(const uint8_t* w, int64_t G, const Q8Rows& X, int64_t
   const uint8_t* wr = w + n * (K / 2);
   for (int64_t kb = 0; kb < K; kb += BLOCK) {
     _mm_prefetch((const char*)(wr + ahead * K / 2 + kb / 2), _MM_HINT_T0);
-    const __m256i bytes = _mm256_loadu_si256((const __m256i*)(wr + kb / 2));
+    __m256i qlo, qhi;
+    split_nibbles(_mm256_loadu_si256((const __m256i*)(wr + kb / 2)), qlo, qhi);
 #pragma GCC unroll 4
     for (int m = 0; m < MT; ++m) {
       __m256 plo, phi;
-      int4_block_q8(bytes, X, m0 + m, kb, plo, phi);
+      int4_block_q8(qlo, qhi, X, m0 + m, kb, plo, phi);
       acc[m] = _mm256_fmadd_ps(plo, _mm256_broadcast_ss(f + m * nb + kb / 32), acc[m]);
       acc[m] = _mm256_fmadd_ps(phi, _mm256_broadcast_ss(f + m * nb + kb / 32 + 1), acc[m]);
     }
