@@ -75,24 +75,26 @@ inline void load_nibbles(const uint8_t* p, vf& lo, vf& hi) {
 }
 #endif
 
-// f(begin, end) over [0, n) in chunks of `chunk` that the threads take as they finish the previous
-// one, so that a thread slowed by another process (or an interrupt) holds up only its current chunk
-// instead of half of the matrix.
+// f(begin, end) over [0, n) in chunks that the threads take as they finish the previous one, so that
+// a thread slowed by another process (or an interrupt) holds up only its current chunk instead of
+// half of the matrix. Chunks hold at most max_chunk items and make at least 8 a thread: with fewer,
+// the last chunks leave a thread idle (768x768 int4 in chunks of 64 KB: 5 chunks, split 3 to 2).
 template <typename F>
-void parallel_chunks(int64_t n, int64_t chunk, const F& f) {
-  const int64_t chunks = (n + chunk - 1) / chunk;
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
+void parallel_chunks(int64_t n, int64_t max_chunk, const F& f) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
   if (threads <= 1) return f(0, n);
+  const int64_t chunk = std::max<int64_t>(1, std::min(max_chunk, n / (8 * threads)));
+  const int64_t chunks = (n + chunk - 1) / chunk;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) f(c * chunk, std::min(n, (c + 1) * chunk));
   });
 }
 
-// Row tiles a chunk: about 64 KB of weights, so that a 2048-row matrix makes 24-48 chunks.
 // Rows ahead of row r of a tile of R that the one-token kernels prefetch: whole tiles, at least PF bytes.
 inline int64_t rows_ahead(int64_t R, int64_t row_bytes) { return R * ((PF + R * row_bytes - 1) / (R * row_bytes)); }
 
+// Row tiles a chunk at most: about 64 KB of weights.
 inline int64_t tiles_per_chunk(int64_t tile_bytes) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(tile_bytes, 1)); }
 
 inline float to_float(float v) { return v; }
