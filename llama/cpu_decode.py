@@ -49,9 +49,10 @@ class FusedBlock(nn.Module):
         if seqlen != 1 or bsz > self.MAX_ROWS or self._hooked():
             return TransformerBlock.forward(self, x, pos, cos, sin, mask, kv_len)
         attn = self.attention
+        positions = torch.full((bsz,), pos, dtype=torch.long) if isinstance(pos, int) else pos.reshape(bsz)
         return kernels.block_decode(x, self._weights, self._kinds, self._groups, self.attention_norm.weight,
                                     self.ffn_norm.weight, self.attention_norm.eps, attn.cache.k, attn.cache.v,
-                                    _positions(pos, bsz), cos, sin, attn.n_local_heads)
+                                    positions, cos, sin, attn.n_local_heads)
 
     def _hooked(self) -> bool:
         """Whether a linear layer has hooks (model parallel's collectives), which the op would skip;
@@ -59,21 +60,6 @@ class FusedBlock(nn.Module):
         if self._has_hooks is None:
             self._has_hooks = any(m._forward_hooks or m._forward_pre_hooks for m in self._linears)
         return self._has_hooks
-
-
-_POSITIONS: dict[tuple[int, int], torch.Tensor] = {}
-
-
-def _positions(pos: int | torch.Tensor, bsz: int) -> torch.Tensor:
-    """Each row's position as an int64 tensor (bsz,); those of an int position are kept (read only)."""
-    if not isinstance(pos, int):
-        return pos.reshape(bsz)
-    t = _POSITIONS.get((pos, bsz))
-    if t is None:
-        if len(_POSITIONS) > 65536:
-            _POSITIONS.clear()
-        t = _POSITIONS.setdefault((pos, bsz), torch.full((bsz,), pos, dtype=torch.long))
-    return t
 
 
 def fusable(block: nn.Module) -> bool:
