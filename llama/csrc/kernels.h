@@ -16,12 +16,12 @@
 namespace llama_kernels {
 
 // Software prefetch. With each vector of row r of a tile of rows, the kernels request the same place
-// in row r of the first tile at least PF bytes ahead; each chunk's first PF0 bytes are requested
-// before computing. Measured on 110M-shape fp32 matrices read from memory (2 cores): no prefetch
-// 10 GB/s, PF 2 KB 15, 8 KB 19, 16 KB 19; a tile ahead against 8 KB ahead in the row, alternated:
-// faster in 8 of 9 pairs (13.1-16.4 GB/s against 10.0-13.1).
+// in row r of the first tile at least PF bytes ahead. Measured on 110M-shape fp32 matrices read
+// from memory (2 cores): no prefetch 10 GB/s, PF 2 KB 15, 8 KB 19, 16 KB 19; a tile ahead against
+// 8 KB ahead in the row, alternated: faster in 8 of 9 pairs (13.1-16.4 GB/s against 10.0-13.1).
+// Requesting each chunk's first 8 KB in a burst before computing made whole steps slower
+// (alternated, 10 runs each: 110M q4_0 9.18 against 8.78 ms a step, f32 33.1 against 31.8).
 constexpr int64_t PF = 8192;
-constexpr int64_t PF0 = 8192;
 
 inline float hsum256(__m256 a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -135,9 +135,6 @@ inline void dense_rows(const T* w, int64_t K, const float* x, int64_t M, int64_t
 template <typename T, int R>
 void dense_r(const T* w, int64_t N, int64_t K, const float* x, int64_t M, const float* scale, float* y) {
   parallel_chunks((N + R - 1) / R, tiles_per_chunk(R * K * sizeof(T)), [&](int64_t b, int64_t e) {
-    const char* start = (const char*)(w + b * R * K);
-    const int64_t len = std::min<int64_t>(PF0, (std::min(e * R, N) - b * R) * K * sizeof(T));
-    for (int64_t off = 0; off < len; off += 64) _mm_prefetch(start + off, _MM_HINT_T0);
     for (int64_t i = b; i < e; ++i) {
       int64_t n0 = i * R;
       if (n0 + R <= N) dense_rows<T, R>(w, K, x, M, n0, scale, y, N);
@@ -316,9 +313,6 @@ void int4_product(const uint8_t* w, int64_t N, int64_t K, int64_t G, const float
     constexpr int R = 1;  // 1.1B-shape Q4_0 decode, alternated: 19.8 and 18.7 tok/s against 14.4 and 17.1 with 4
     parallel_chunks((N + R - 1) / R, tiles_per_chunk(R * K / 2), [&](int64_t b, int64_t e) {
       std::vector<float> f(R * nb);
-      const char* start = (const char*)(w + b * R * K / 2);
-      const int64_t len = std::min<int64_t>(PF0, (std::min(e * R, N) - b * R) * K / 2);
-      for (int64_t off = 0; off < len; off += 64) _mm_prefetch(start + off, _MM_HINT_T0);
       for (int64_t i = b; i < e; ++i) {
         const int64_t n0 = i * R;
         if (n0 + R <= N) int4_q8_rows<S, R>(w, G, X, n0, scale, zero, f.data(), y);
@@ -372,9 +366,6 @@ inline void int8_q8_product(const int8_t* w, int64_t N, int64_t K, const float* 
   constexpr int R = 1;
   const Q8Rows X(x, 1, K);
   parallel_chunks((N + R - 1) / R, tiles_per_chunk(R * K), [&](int64_t b, int64_t e) {
-    const char* start = (const char*)(w + b * R * K);
-    const int64_t len = std::min<int64_t>(PF0, (std::min(e * R, N) - b * R) * K);
-    for (int64_t off = 0; off < len; off += 64) _mm_prefetch(start + off, _MM_HINT_T0);
     for (int64_t i = b; i < e; ++i) {
       const int64_t n0 = i * R;
       if (n0 + R <= N) int8_q8_rows<R>(w, K, X.q.data(), X.d.data(), n0, scale, y);
