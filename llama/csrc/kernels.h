@@ -66,17 +66,27 @@ inline vf load_w(const int8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi
 
 // f(begin, end) over [0, n) in chunks that the threads take as they finish the previous one, so that
 // a thread slowed by another process (or an interrupt) holds up only its current chunk instead of
-// half of the matrix. Chunks hold at most max_chunk items and make at least 8 a thread: with fewer,
-// the last chunks leave a thread idle (768x768 int4 in chunks of 64 KB: 5 chunks, split 3 to 2).
+// half of the matrix (a quarter at most with 2 threads). Chunks shrink as the work does (OpenMP's
+// "guided"): each is the remaining work over twice the threads, down to at most max_chunk items and
+// at least 8 a thread. Every chunk restarts a thread's stream of reads, whose first rows nothing
+// prefetched: alternated in one process, 30 rounds of 12 blocks of the 110M shape, against chunks
+// all of the smallest size: f32 18.7 against 21.5 ms, q4_0 5.08 against 5.64 (one half a thread:
+// 18.8 and 5.05); whole decoding steps, 8 alternated runs: f32 26.6 against 29.8, q4_0 7.5 against 8.2.
 template <typename F>
 void parallel_chunks(int64_t n, int64_t max_chunk, const F& f) {
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
   if (threads <= 1) return f(0, n);
-  const int64_t chunk = std::max<int64_t>(1, std::min(max_chunk, n / (8 * threads)));
-  const int64_t chunks = (n + chunk - 1) / chunk;
+  const int64_t smallest = std::max<int64_t>(1, std::min(max_chunk, n / (8 * threads)));
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) f(c * chunk, std::min(n, (c + 1) * chunk));
+    int64_t b = next.load();
+    while (b < n) {
+      const int64_t e = std::min(n, b + std::max(smallest, (n - b) / (2 * threads)));
+      if (next.compare_exchange_weak(b, e)) {  // else b is reloaded: another thread took it
+        f(b, e);
+        b = next.load();
+      }
+    }
   });
 }
 
