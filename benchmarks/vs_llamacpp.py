@@ -106,14 +106,12 @@ def gguf_files(model: str, types: list[str], bin_dir: str) -> dict[str, str]:
 OURS_SCRIPT = """
 import json, sys, time, torch
 from llama import Llama
+from llama.bandwidth import WARM_UP, STEPS, step_bytes
 path, options, threads, prompt, gen, batch = sys.argv[1], json.loads(sys.argv[2]), *map(int, sys.argv[3:7])
 torch.set_num_threads(threads)
 llm = Llama.build(path, max_seq_len=max(prompt, 16) + gen + 1, max_batch_size=batch, device="cpu", threads=threads,
                   **options)
-m = llm.model  # the bytes a decoding step reads: every block, the final norm and the output layer
-tensors = {t.data_ptr(): t for mod in [*m.layers, m.norm, m.output]
-           for name, t in [*mod.named_parameters(), *mod.named_buffers()] if "cache" not in name}
-nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+nbytes = step_bytes(llm.model)
 g = torch.Generator().manual_seed(0)
 rows = [[1] + torch.randint(3, llm.model.vocab_size, (max(prompt, 16) - 1,), generator=g).tolist()
         for _ in range(batch)]
@@ -121,7 +119,7 @@ def timed(rows, n):
     t = time.perf_counter()
     out, _ = llm.generate(rows, n, temperature=0)
     return time.perf_counter() - t, sum(len(o) for o in out)
-timed(rows, 4)  # warm-up and compilation
+timed(rows, WARM_UP + STEPS + 4)  # warm-up, compilation and the package's one-time bandwidth check
 t1, _ = timed(rows, 1)  # prefill and one token
 if gen:
     tn, n = timed(rows, gen)

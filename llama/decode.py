@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llama.bandwidth import StepClock
 from llama.model import Transformer
 from llama.options import GenerationOptions
 from llama.sampling import next_token
@@ -94,6 +95,7 @@ def decode_batch(model: Transformer, prompts: list[list[int]], options: Generati
         yield rows
         return
     n_gen = [0] * len(prompts)
+    clock = StepClock(model)
     for _ in range(max(budgets)):
         _check_finite(logits, model)
         cur = next_token(logits, options.temperature, options.top_p, generator)  # (b,)
@@ -117,4 +119,6 @@ def decode_batch(model: Transformer, prompts: list[list[int]], options: Generati
         # A row's newest token goes at len + n_gen - 1. Finished rows are frozen: their
         # (ignored) step rewrites their last prompt slot, which they no longer read.
         step_pos = [n - 1 if r.done else n + g - 1 for n, g, r in zip(lens, n_gen, rows)]
+        clock.start()
         logits = model(cur[:, None], torch.tensor(step_pos, device=dev))[:, 0]  # (b, vocab)
+        clock.stop()
