@@ -105,7 +105,11 @@ def test_quantized_steps_equal_the_layers_own_forward(quantize, monkeypatch):
     got = steps(build(args, quantize=quantize), tokens, [4, 8, 6])
     unfused(monkeypatch)
     want = steps(build(args, quantize=quantize), tokens, [4, 8, 6])
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    if quantize == "int8":
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    else:  # PyTorch's int4 kernel rounds its input to bf16: the op's silu (within 1.2e-7 of the
+        # float64 one, not bit for bit PyTorch's) moves some inputs to the next bf16 value.
+        assert ((got - want).norm() / want.norm()).item() < 1e-3
 
 
 def test_gguf_q4_0_layers(monkeypatch):

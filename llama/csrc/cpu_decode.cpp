@@ -88,7 +88,15 @@ void attend(const float* q, const float* k, const float* v, int64_t B, int64_t h
       const C* vb = cv + (b * kv_heads + h / rep) * T * d;
       float top = -INFINITY, total = 0.f;
       for (int64_t t = 0; t < n; ++t) top = std::max(top, p[t] = dot(qi, kb + t * d, d) * scale);
-      for (int64_t t = 0; t < n; ++t) total += p[t] = std::exp(p[t] - top);
+      int64_t t = 0;
+      vf sum = vzero();
+      for (; t + W <= n; t += W) {
+        const vf e = vexp(vadd(vload(p.data() + t), vset1(-top)));
+        vstore(p.data() + t, e);
+        sum = vadd(sum, e);
+      }
+      total = vsum(sum);
+      for (; t < n; ++t) total += p[t] = std::exp(p[t] - top);
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t < n; ++t) {
         const float pt = p[t] / total;
@@ -125,6 +133,16 @@ void add_rounded(float* h, const float* y, int64_t n, at::ScalarType dtype) {
     h[i] = dtype == at::kHalf ? static_cast<float>(at::Half(t))
          : dtype == at::kBFloat16 ? static_cast<float>(at::BFloat16(t)) : t;
   }
+}
+
+// a = silu(a) * c = a / (1 + e^-a) * c
+void silu_mul(float* a, const float* c, int64_t n) {
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const vf x = vload(a + i);
+    vstore(a + i, vmul(vdiv(x, vadd(vset1(1.0f), vexp(vmul(x, vset1(-1.0f))))), vload(c + i)));
+  }
+  for (; i < n; ++i) a[i] = a[i] / (1.0f + std::exp(-a[i])) * c[i];
 }
 
 Weight weight_of(const std::vector<at::Tensor>& t, int64_t kind, int64_t group, int i) {
@@ -179,7 +197,7 @@ at::Tensor block_decode(const at::Tensor& x, const std::vector<at::Tensor>& weig
   rms_norm(h.data(), B, dim, ffn_norm, eps, xn.data());
   apply(L[4], xn.data(), B, a.data());
   apply(L[6], xn.data(), B, c.data());
-  for (int64_t i = 0; i < B * hidden; ++i) a[i] = a[i] / (1.0f + std::exp(-a[i])) * c[i];  // silu(w1 x) * w3 x
+  silu_mul(a.data(), c.data(), B * hidden);
   apply(L[5], a.data(), B, y.data());
   add_rounded(h.data(), y.data(), B * dim, x.scalar_type());
   return at::from_blob(h.data(), {B, 1, dim}, at::kFloat).to(x.scalar_type(), false, true);
