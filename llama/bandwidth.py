@@ -5,8 +5,8 @@ which compute the most a byte, read faster than one core alone reads memory (2-c
 110M shape: f32 17.5 GB/s, q4_0 9.3, one core 12-15). So a step that reads at less than half of
 one core's speed is held back by something other than this package: another process on a core
 that one of the threads waits for (110M f32 with a busy loop on one of 2 cores: 2 threads 4.7-5.8
-GB/s, 1 thread 9.0-11.4, one core 11.5), or swapping. `StepClock` times the first steps of a decode and, once a process,
-compares them with one core's read speed, measured then (about 20 ms).
+GB/s, 1 thread 9.0-11.4, one core 11.5), or swapping. `StepClock` times the first steps of a
+decode and, once a process, compares them with one core's read speed, measured then (about 20 ms).
 """
 
 import logging
