@@ -20,22 +20,34 @@ REPACK_ROWS = 1024  # int4 rows repacked at a time, to bound the temporaries
 
 
 class DenseLinear(nn.Module):
-    """fp32, fp16 or bf16 weights: llama.kernels for a few tokens (decode), F.linear for more
-    (prefill), whose matrix multiplies use the CPU's matrix units where it has them. fp32 too:
-    measured on 110M-shape matrices (2 cores, AVX2), one token reads 14-19 GB/s through
-    llama.kernels against 9-14 GB/s through PyTorch's F.linear; 32000x768 at 8 and 16 tokens (a
-    decoding batch): fp32 9.8 and 13.1 ms against 30.9 and 35.2, fp16 6.2 and 12.7 against 24.4 and 43.2."""
+    """fp32, fp16 or bf16 weights through llama.kernels, or through F.linear for many tokens
+    (prefill) where PyTorch's matrix multiply is the faster: on CPUs with AVX-512, whose matrix
+    multiplies in fp32 (and in fp16 and bf16 where the CPU computes in them) are PyTorch's strength.
+    Measured on 110M-shape matrices (2 cores, AVX2), one token reads 14-19 GB/s through
+    llama.kernels against 9-14 GB/s through F.linear; 32000x768 at 8 and 16 tokens (a decoding
+    batch): fp32 9.8 and 13.1 ms against 30.9 and 35.2, fp16 6.2 and 12.7 against 24.4 and 43.2.
+    128 tokens (GFLOP/s, two runs): fp32 768x768 94 and 88 against 103 and 92, 2048x5632 95 and 97
+    against 72 and 58; fp16 104-149 against 13-24, bf16 87-130 against 10-19."""
 
     KERNEL_MAX_TOKENS = 16
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         self.weight = weight
+        self.kernel_prefill = kernels.loaded_build() == "avx2" or not torch_computes_in(weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() // x.shape[-1] <= self.KERNEL_MAX_TOKENS:
+        if self.kernel_prefill or x.numel() // x.shape[-1] <= self.KERNEL_MAX_TOKENS:
             return kernels.linear(x, self.weight)
         return F.linear(x, self.weight)
+
+
+def torch_computes_in(dtype: torch.dtype) -> bool:
+    """Whether PyTorch's CPU matrix multiplies compute in dtype (through oneDNN) rather than convert."""
+    if dtype == torch.float32:
+        return True
+    check = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
+    return hasattr(torch.ops.mkldnn, check) and getattr(torch.ops.mkldnn, check)()
 
 
 class KernelInt8Linear(nn.Module):

@@ -48,7 +48,7 @@ def _check_dense(tokens, n, k, wdtype):
 
 
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8])
-@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 9, 17, 38])  # 17 and more: the prefill tiles
 def test_dense_kernel_equals_float_product(tokens, wdtype):
     for n, k in SHAPES:
         _check_dense(tokens, n, k, wdtype)
@@ -152,7 +152,7 @@ def test_layers_use_the_kernels_and_match_the_fallback():
     assert isinstance(block.wq, cpu_layers.DenseLinear)
     torch.testing.assert_close(block.wq(x.bfloat16()).float(), ref, rtol=1e-2, atol=1e-2)
     assert list(block.state_dict()) == ["wq.weight"]  # Meta's key, unchanged
-    long = torch.randn(1, cpu_layers.DenseLinear.KERNEL_MAX_TOKENS + 1, 256).bfloat16()  # prefill: F.linear
+    long = torch.randn(1, cpu_layers.DenseLinear.KERNEL_MAX_TOKENS + 1, 256).bfloat16()  # prefill tiles or F.linear
     torch.testing.assert_close(block.wq(long).float(), F.linear(long.float(), block.wq.weight.float()),
                                rtol=1e-2, atol=1e-2)
 
