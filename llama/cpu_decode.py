@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from llama import kernels
-from llama.cpu_layers import AtenInt4Linear, DenseLinear, KernelInt4Linear, KernelInt8Linear
+from llama.cpu_layers import AtenInt4Linear, DenseLinear, KernelInt4Linear, KernelInt4x8Linear, KernelInt8Linear
 from llama.model import TransformerBlock
 
 # The kinds of csrc/kernels.h, by layer class.
-KINDS = {DenseLinear: 0, KernelInt8Linear: 1, KernelInt4Linear: 2, AtenInt4Linear: 3}
+KINDS = {DenseLinear: 0, KernelInt8Linear: 1, KernelInt4Linear: 2, AtenInt4Linear: 3, KernelInt4x8Linear: 4}
 NO_TENSOR = torch.empty(0)
 
 

@@ -114,6 +114,30 @@ class KernelInt4Linear(nn.Module):
         return kernels.linear_int4(x, self.weight, self.scales, self.zeros, self.group_size)
 
 
+class KernelInt4x8Linear(nn.Module):
+    """Q4_0 (GGUF's int4: groups of 32, fp16 scales, no zeros) through llama.kernels with rows
+    interleaved by 8, whose kernel computes a block of 8 rows in one vector (kernels.h:
+    int4x8_group). `weight` and `scales` hold that layout."""
+
+    group_size = 32
+
+    def __init__(self, layer: Int4Linear, in_place: bool = False):
+        super().__init__()
+        packed = layer.weight if in_place else torch.empty_like(layer.weight)
+        for lo in range(0, layer.out_features, REPACK_ROWS):  # REPACK_ROWS % 8 == 0
+            packed[lo : lo + REPACK_ROWS] = kernels.pack_int4_rows8(unpack_int4(layer.weight[lo : lo + REPACK_ROWS]))
+        self.register_buffer("weight", packed)
+        self.register_buffer("scales", kernels.int4x8_scales(layer.scales))
+
+    @staticmethod
+    def fits(layer: Int4Linear) -> bool:
+        return (layer.group_size == 32 and layer.scales.dtype == torch.float16 and not layer.zeros.numel()
+                and layer.out_features % 8 == 0 and layer.in_features % 32 == 0 and kernels.available())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear_int4x8(x, self.weight, self.scales)
+
+
 def cpu_layer(layer: nn.Module, in_place: bool = False) -> nn.Module | None:
     """The faster replacement for one CPU linear layer, or None when it has none. `in_place`:
     int4 weights are repacked in their own memory (rows are repacked block by block, each block
@@ -121,8 +145,8 @@ def cpu_layer(layer: nn.Module, in_place: bool = False) -> nn.Module | None:
     if isinstance(layer, Int4Linear):
         # fp16 scales (GGUF's Q4_0) stay fp16 in llama.kernels, which widens them as it reads them;
         # PyTorch's kernel would need them, and the activations, in one dtype.
-        order = (KernelInt4Linear, AtenInt4Linear) if layer.scales.dtype == torch.float16 else \
-            (AtenInt4Linear, KernelInt4Linear)
+        order = (KernelInt4x8Linear, KernelInt4Linear, AtenInt4Linear) if layer.scales.dtype == torch.float16 \
+            else (AtenInt4Linear, KernelInt4Linear)
         for kind in order:
             if kind.fits(layer):
                 return kind(layer, in_place)

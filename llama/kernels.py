@@ -125,6 +125,10 @@ def _register_fakes() -> None:
     def _(x, weight, scales, zeros, group_size):
         return x.new_empty(*x.shape[:-1], weight.shape[0])
 
+    @torch.library.register_fake("llama_cpu::linear_int4x8")
+    def _(x, weight, scales):
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
+
     @torch.library.register_fake("llama_cpu::block_decode")
     def _(x, weights, kinds, groups, attention_norm, ffn_norm, eps, cache_k, cache_v, pos, cos, sin, n_heads):
         return torch.empty_like(x)
@@ -143,6 +147,12 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
     llama.quantize's int4 with q repacked by `pack_int4`; scales and zeros (out, in / group_size)
     fp32, fp16 or bf16. In x's dtype."""
     return torch.ops.llama_cpu.linear_int4(x, packed, scales, zeros, group_size)
+
+
+def linear_int4x8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x @ W^T with W[n, k] = (q[n, k] - 8) * scales[n, k // 32]: Q4_0, with q repacked by
+    `pack_int4_rows8` and scales by `int4x8_scales`. In x's dtype."""
+    return torch.ops.llama_cpu.linear_int4x8(x, packed, scales)
 
 
 def block_decode(x: torch.Tensor, weights: list[torch.Tensor], kinds: list[int], groups: list[int],
@@ -166,3 +176,19 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     out_f, in_f = q.shape
     blocks = q.view(out_f, in_f // INT4_BLOCK, 2, INT4_BLOCK // 2)  # (out, blocks, halves, 32)
     return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(out_f, in_f // 2)  # (out, in/2)
+
+
+def pack_int4_rows8(q: torch.Tensor) -> torch.Tensor:
+    """Values 0..15, uint8 (out, in), out % 8 == 0 and in % 32 == 0 -> uint8 (out, in / 2) with rows
+    interleaved by 8: for rows 8g..8g+7 and each block of 32 values, 4 chunks of 32 bytes, chunk c
+    holding at bytes 4r..4r+3 row r's values 8c..8c+3 (low nibbles) and 8c+4..8c+7 (high nibbles)."""
+    out_f, in_f = q.shape
+    v = q.view(out_f // 8, 8, in_f // 32, 4, 2, 4)  # (groups, row, block, chunk, half, value)
+    v = v.permute(0, 2, 3, 1, 5, 4)  # (groups, block, chunk, row, value, half)
+    return (v[..., 0] | (v[..., 1] << 4)).reshape(out_f, in_f // 2)  # (out, in/2)
+
+
+def int4x8_scales(scales: torch.Tensor) -> torch.Tensor:
+    """(out, in / 32) -> (out / 8, in / 32, 8): each block's scales of 8 interleaved rows together."""
+    out_f, blocks = scales.shape
+    return scales.view(out_f // 8, 8, blocks).transpose(1, 2).contiguous()  # (out/8, blocks, 8)

@@ -113,7 +113,7 @@ def test_quantized_steps_equal_the_layers_own_forward(quantize, monkeypatch):
 
 
 def test_gguf_q4_0_layers(monkeypatch):
-    """llama.kernels' int4 layout with fp16 scales and no zeros, as a Q4_0 GGUF loads."""
+    """llama.kernels' int4 with fp16 scales and no zeros (rows interleaved by 8), as a Q4_0 GGUF loads."""
     from llama.quant_layers import Int4Linear
 
     model = build(INT4, quantize="int4", prepared=False)
@@ -122,7 +122,7 @@ def test_gguf_q4_0_layers(monkeypatch):
             child.scales = child.scales.half()
             child.zeros = child.zeros[:, :0].half()
     prepare_for_device(model)
-    assert type(model.layers[0].attention.wq).__name__ == "KernelInt4Linear"
+    assert type(model.layers[0].attention.wq).__name__ == "KernelInt4x8Linear"  # rows interleaved by 8
     tokens = tokens_for(INT4)
     got = steps(model, tokens, [4, 8, 6])
     unfused(monkeypatch)

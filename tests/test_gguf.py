@@ -67,12 +67,12 @@ def test_quantized_files_agree_with_llama_cpp_as_far_as_a_float_reference_does(n
 
 
 def test_q4_files_load_as_int4_and_run_on_the_int4_kernels():
-    from llama.cpu_layers import AtenInt4Linear, KernelInt4Linear
+    from llama.cpu_layers import AtenInt4Linear, KernelInt4x8Linear
 
     q4_0 = build(gguf("stories260K-h192-q4_0")).model
     layer = q4_0.layers[0].attention.wq
-    # Q4_0 keeps its fp16 scales, which llama.kernels reads as they are.
-    assert isinstance(layer, KernelInt4Linear) and layer.group_size == 32 and layer.scales.dtype == torch.float16
+    # Q4_0 keeps its fp16 scales, which llama.kernels reads as they are, rows interleaved by 8.
+    assert isinstance(layer, KernelInt4x8Linear) and layer.group_size == 32 and layer.scales.dtype == torch.float16
     # Q4_1's zero m + 8d needs fp32: PyTorch's int4 kernel takes those.
     layer = build(gguf("stories260K-h192-q4_1")).model.layers[0].attention.wq
     assert isinstance(layer, AtenInt4Linear) and layer.group_size == 32 and layer.scales.dtype == torch.float32
@@ -281,7 +281,7 @@ def test_q4_0_load_grows_rss_by_less_than_1_3_file_sizes(tmp_path, llama2_tokeni
     size = write_q4_0_file(path, llama2_tokenizer)
     tok = measure(path, "tokenizer")
     m = measure(path, "build")
-    assert m["n"] == 4 and m["layer"] == "KernelInt4Linear"
+    assert m["n"] == 4 and m["layer"] == "KernelInt4x8Linear"
     growth = (m["peak_kb"] - m["before_kb"]) * 1024
     tokenizer = (tok["after_kb"] - tok["before_kb"]) * 1024
     print(f"q4_0 file {size / 2**20:.1f} MiB; build +{growth / 2**20:.1f} MiB ({growth / size:.2f}x), of which "

@@ -56,12 +56,11 @@ def test_dense_kernel_equals_float_product(tokens, wdtype):
 
 def q8_0_input(x: torch.Tensor) -> torch.Tensor:
     """x as the int4 kernel (and int8 at one token) sees it: llama.cpp's q8_0 of blocks of 32 (d = max|x| / 127
-    at fp16 precision, q = x / d rounded to nearest, ties to even), in float64."""
-    blocks = x.double().reshape(-1, 32)  # (blocks, 32)
-    d = blocks.abs().amax(dim=1, keepdim=True) / 127
-    q = torch.where(d > 0, blocks / d, torch.zeros_like(blocks))
-    q = torch.round(q)
-    return (q * d.float().half().double()).reshape(x.shape)
+    at fp16 precision, q = x * (127 / max|x|) in fp32 rounded to nearest, ties to even), in float64."""
+    blocks = x.float().reshape(-1, 32)  # (blocks, 32)
+    amax = blocks.abs().amax(dim=1, keepdim=True)
+    q = torch.round(blocks * torch.where(amax > 0, 127 / amax, torch.zeros_like(amax)))
+    return (q.double() * (amax / 127).half().double()).reshape(x.shape)
 
 
 def _check_int4(tokens, n, k, group_size):
@@ -95,6 +94,31 @@ def test_int4_kernel_equals_dequantized_product(tokens, group_size):
 def test_int4_kernel_refuses_widths_it_cannot_take():
     assert not kernels.int4_group_ok(96, 32)  # not a whole number of 64-value blocks
     assert not kernels.int4_group_ok(768, 96)  # a group that is neither 32 nor whole blocks
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 17])
+def test_int4x8_kernel_equals_dequantized_product(tokens):
+    """Q4_0 with rows interleaved by 8: the same numbers as q8_0 inputs times the dequantized weights."""
+    for n, k in [(8, 32), (72, 96), (64, 768), (16, 2048)]:
+        g = torch.Generator().manual_seed(n + k + tokens)
+        x = torch.randn(tokens, k, generator=g)
+        packed, scales, _ = Q.quantize_int4(torch.randn(n, k, generator=g), 32)
+        scales = scales.half()
+        w = Q.dequantize_int4(packed, scales.float(), torch.zeros(n, 0)).double()
+        got = kernels.linear_int4x8(x, kernels.pack_int4_rows8(Q.unpack_int4(packed)), kernels.int4x8_scales(scales))
+        assert got.shape == (tokens, n)
+        torch.testing.assert_close(got.double(), q8_0_input(x) @ w.t(), rtol=1e-5, atol=2e-5 * k ** 0.5)
+
+
+def test_pack_int4_rows8_layout():
+    q = (torch.arange(16 * 64) % 13).to(torch.uint8).view(16, 64)  # (rows, in)
+    packed = kernels.pack_int4_rows8(q).flatten()
+    # Group 1 (rows 8..15), block 1 (values 32..63), chunk 2: byte 4r + j holds row 8 + r's value
+    # 32 + 16 + j (low nibble) and 32 + 16 + 4 + j (high nibble).
+    for r, j in ((0, 0), (5, 3), (7, 1)):
+        byte = packed[(((1 * 2 + 1) * 4 + 2) * 32) + 4 * r + j].item()
+        assert byte == q[8 + r, 48 + j].item() | q[8 + r, 52 + j].item() << 4
+    assert kernels.int4x8_scales(torch.arange(16 * 2.0).view(16, 2))[1, 0].tolist() == [16, 18, 20, 22, 24, 26, 28, 30]
 
 
 def test_pack_int4_layout():

@@ -152,6 +152,7 @@ Weight weight_of(const std::vector<at::Tensor>& t, int64_t kind, int64_t group, 
   if (kind == INT4) K *= 2;
   if (kind == ATEN_INT4) N = t[3 * i + 1].size(1), K = t[3 * i + 1].size(0) * group;
   if (kind == INT4) check_int4(K, group);
+  if (kind == INT4X8) K *= 2, check_int4x8(N, K, w, t[3 * i + 1]);
   return Weight{kind, N, K, group, w, t[3 * i + 1].contiguous(), t[3 * i + 2].contiguous()};
 }
 

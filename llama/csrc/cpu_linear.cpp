@@ -39,11 +39,24 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& weight, const at::
   return shaped_output(y, x, N);
 }
 
+// x (..., K); weight (N, K/2) uint8 in int4x8_group's layout; scales (N/8, K/32, 8) fp16 -> (..., N)
+at::Tensor linear_int4x8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales) {
+  const int64_t N = weight.size(0), K = weight.size(1) * 2;
+  check_int4x8(N, K, weight, scales);
+  at::Tensor xf = flat_input(x, K);
+  const int64_t M = xf.size(0);
+  at::Tensor y = at::empty({M, N}, xf.options());
+  apply(Weight{INT4X8, N, K, 32, weight, scales, at::Tensor()}, xf.data_ptr<float>(), M, y.data_ptr<float>());
+  return shaped_output(y, x, N);
+}
+
 TORCH_LIBRARY_FRAGMENT(llama_cpu, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? scales) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor weight, Tensor scales, Tensor zeros, int group_size) -> Tensor");
+  m.def("linear_int4x8(Tensor x, Tensor weight, Tensor scales) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(llama_cpu, CPU, m) {
   m.impl("linear", &linear);
   m.impl("linear_int4", &linear_int4);
+  m.impl("linear_int4x8", &linear_int4x8);
 }
