@@ -129,8 +129,8 @@ def _register_fakes() -> None:
     def _(x, weight, scales):
         return x.new_empty(*x.shape[:-1], weight.shape[0])
 
-    @torch.library.register_fake("llama_cpu::block_decode")
-    def _(x, weights, kinds, groups, attention_norm, ffn_norm, eps, cache_k, cache_v, pos, cos, sin, n_heads):
+    @torch.library.register_fake("llama_cpu::decode_layers")
+    def _(x, weights, kinds, groups, norms, eps, cache_k, cache_v, pos, cos, sin, n_heads):
         return torch.empty_like(x)
 
     _register_fakes.done = True
@@ -155,14 +155,15 @@ def linear_int4x8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -
     return torch.ops.llama_cpu.linear_int4x8(x, packed, scales)
 
 
-def block_decode(x: torch.Tensor, weights: list[torch.Tensor], kinds: list[int], groups: list[int],
-                 attention_norm: torch.Tensor, ffn_norm: torch.Tensor, eps: float, cache_k: torch.Tensor,
-                 cache_v: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 n_heads: int) -> torch.Tensor:
-    """One decoder block for x (B, 1, dim), one new token a row at positions pos (B,) int64; see
-    csrc/cpu_decode.cpp. Writes the keys and values into cache_k and cache_v."""
-    return torch.ops.llama_cpu.block_decode(x, weights, kinds, groups, attention_norm, ffn_norm, eps, cache_k,
-                                            cache_v, pos, cos, sin, n_heads)
+def decode_layers(x: torch.Tensor, weights: list[torch.Tensor], kinds: list[int], groups: list[int],
+                  norms: list[torch.Tensor], eps: list[float], cache_k: list[torch.Tensor],
+                  cache_v: list[torch.Tensor], pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  n_heads: int) -> torch.Tensor:
+    """Consecutive decoder blocks for x (B, 1, dim), one new token a row at positions pos (B,) int64;
+    per block 7 linear layers' (weight, scales, zeros), kinds and groups, 2 norms and eps, and one
+    cache_k and cache_v, which get the new keys and values; see csrc/cpu_decode.cpp."""
+    return torch.ops.llama_cpu.decode_layers(x, weights, kinds, groups, norms, eps, cache_k, cache_v, pos, cos,
+                                             sin, n_heads)
 
 
 def int4_group_ok(in_features: int, group_size: int) -> bool:

@@ -222,6 +222,15 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+class Layers(nn.ModuleList):
+    """The decoder blocks, run in order (state-dict keys layers.N.*)."""
+
+    def forward(self, h, pos, cos, sin, mask, kv_len):
+        for layer in self:
+            h = layer(h, pos, cos, sin, mask, kv_len)
+        return h
+
+
 class Transformer(nn.Module):
     def __init__(self, params: ModelArgs):
         super().__init__()
@@ -231,7 +240,7 @@ class Transformer(nn.Module):
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
         self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim)
-        self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
+        self.layers = Layers(TransformerBlock(i, params) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
         if params.tie_word_embeddings:
@@ -267,9 +276,7 @@ class Transformer(nn.Module):
             cos, sin = self.rope[:, pos : pos + seqlen, None]  # (2, s, 1, d)
         else:
             cos, sin = self.rope[:, pos].unsqueeze(3)  # (2, b, s, 1, d)
-        h = self.tok_embeddings(tokens)  # (b, s, dim)
-        for layer in self.layers:
-            h = layer(h, pos, cos, sin, mask, kv_len)
+        h = self.layers(self.tok_embeddings(tokens), pos, cos, sin, mask, kv_len)  # (b, s, dim)
         if logits_pos is not None:
             h = h[torch.arange(bsz, device=h.device), logits_pos].unsqueeze(1)  # (b, 1, dim)
         return self.output(self.norm(h)).float()

@@ -1,12 +1,13 @@
-"""llama.cpu_decode: a decoding step of one C++ op a block, against a float64 model and the
-blocks' own PyTorch forward, on odd shapes, every weight kind, GQA and rows at different positions."""
+"""llama.cpu_decode: a decoding step of one C++ op for all blocks (or one a block), against a float64
+model and the blocks' own PyTorch forward, on odd shapes, every weight kind, GQA and rows at
+different positions."""
 
 import pytest
 import torch
 
 from conftest import random_llama_weights
-from llama import kernels
-from llama.cpu_decode import FusedBlock
+from llama import cpu_decode, kernels
+from llama.cpu_decode import FusedBlock, FusedLayers
 from llama.model import ModelArgs, Transformer
 from llama.prepare import prepare_for_device
 from llama.quant import quantize_state_dict
@@ -52,7 +53,7 @@ def tokens_for(args: ModelArgs) -> torch.Tensor:
 
 
 def unfused(monkeypatch):
-    monkeypatch.setattr(FusedBlock, "MAX_ROWS", 0)  # every step through the blocks' PyTorch forward
+    monkeypatch.setattr(cpu_decode, "MAX_ROWS", 0)  # every step through the blocks' PyTorch forward
 
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="the C++ kernels are tested in test_kernels")
@@ -60,8 +61,28 @@ pytestmark = pytest.mark.skipif(not kernels.available(), reason="the C++ kernels
 
 def test_blocks_are_fused_and_keep_meta_keys():
     model = build(ODD)
+    assert isinstance(model.layers, FusedLayers)
     assert all(isinstance(layer, FusedBlock) for layer in model.layers)
     assert list(model.state_dict()) == list(Transformer(ODD).state_dict())
+
+
+def test_one_op_for_all_blocks_equals_one_op_a_block(monkeypatch):
+    tokens = tokens_for(ODD)
+    calls = []
+    op = cpu_decode.kernels.decode_layers
+    monkeypatch.setattr(cpu_decode.kernels, "decode_layers", lambda *a: calls.append(len(a[5]) // 2) or op(*a))
+    got = steps(build(ODD), tokens, [4, 7, 5])
+    assert calls == [ODD.n_layers] * STEPS  # one call a step, of every block
+    calls.clear()
+    model = build(ODD)
+    model.layers._args = ()  # as for a list that is not all FusedBlocks: each block's own op
+    torch.testing.assert_close(steps(model, tokens, [4, 7, 5]), got, rtol=0, atol=0)
+    assert calls == [1] * (STEPS * ODD.n_layers)
+    calls.clear()
+    model = build(ODD)
+    model.layers[1] = build(ODD, prepared=False).layers[1]  # a plain TransformerBlock
+    torch.testing.assert_close(steps(model, tokens, [4, 7, 5]), got, rtol=1e-5, atol=2e-5)
+    assert calls == [1] * STEPS  # block 0's op; block 1 through PyTorch
 
 
 @pytest.mark.parametrize("prompt_lens", [[5, 5, 5], [3, 9, 6]])

@@ -1,6 +1,6 @@
-// One decoder block for one step of decoding, as one op: B rows of one new token each. The math of
+// The decoder blocks for one step of decoding, as one op: B rows of one new token each. The math of
 // llama.model.TransformerBlock (Meta's), in fp32, with each linear layer read once through
-// kernels.h. A step then costs one call a layer instead of about thirty PyTorch ops, whose
+// kernels.h. A step then costs one call instead of about thirty PyTorch ops a block, whose
 // dispatch, allocation and thread start-up cost more than the arithmetic on small models.
 #include "kernels.h"
 
@@ -111,7 +111,7 @@ void attend(const float* q, const float* k, const float* v, int64_t B, int64_t h
 }
 
 void attend(const float* q, const float* k, const float* v, int64_t B, int64_t heads, int64_t kv_heads,
-            int64_t d, at::Tensor& ck, at::Tensor& cv, const int64_t* pos, float* out) {
+            int64_t d, const at::Tensor& ck, const at::Tensor& cv, const int64_t* pos, float* out) {
   const int64_t T = ck.size(2);
   switch (ck.scalar_type()) {
     case at::kFloat:
@@ -145,7 +145,7 @@ void silu_mul(float* a, const float* c, int64_t n) {
   for (; i < n; ++i) a[i] = a[i] / (1.0f + std::exp(-a[i])) * c[i];
 }
 
-Weight weight_of(const std::vector<at::Tensor>& t, int64_t kind, int64_t group, int i) {
+Weight weight_of(const std::vector<at::Tensor>& t, int64_t kind, int64_t group, int64_t i) {
   const at::Tensor& w = t[3 * i];
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "linear ", i, ": weight must be a contiguous matrix");
   int64_t N = w.size(0), K = w.size(1);
@@ -156,57 +156,85 @@ Weight weight_of(const std::vector<at::Tensor>& t, int64_t kind, int64_t group, 
   return Weight{kind, N, K, group, w, t[3 * i + 1].contiguous(), t[3 * i + 2].contiguous()};
 }
 
+// The working vectors of a step: B rows of the residual stream h and of each intermediate.
+struct Step {
+  int64_t B, dim, heads, kv_heads, d, hidden;
+  const int64_t* pos;
+  const float *cos, *sin;
+  bool per_row;  // one rotary row per batch row, or one for all
+  at::ScalarType dtype;  // the residual stream's
+  std::vector<float> h, xn, q, k, v, att, y, a, c;
+};
+
+// One decoder block (Meta's TransformerBlock) on s.h, in place: L = wq, wk, wv, wo, w1, w2, w3.
+void block(Step& s, const Weight* L, const at::Tensor& attention_norm, double attention_eps,
+           const at::Tensor& ffn_norm, double ffn_eps, const at::Tensor& cache_k, const at::Tensor& cache_v) {
+  const int64_t B = s.B;
+  rms_norm(s.h.data(), B, s.dim, attention_norm, attention_eps, s.xn.data());
+  apply(L[0], s.xn.data(), B, s.q.data());
+  apply(L[1], s.xn.data(), B, s.k.data());
+  apply(L[2], s.xn.data(), B, s.v.data());
+  rotate(s.q.data(), B, s.heads, s.d, s.cos, s.sin, s.per_row);
+  rotate(s.k.data(), B, s.kv_heads, s.d, s.cos, s.sin, s.per_row);
+  attend(s.q.data(), s.k.data(), s.v.data(), B, s.heads, s.kv_heads, s.d, cache_k, cache_v, s.pos, s.att.data());
+  apply(L[3], s.att.data(), B, s.y.data());
+  add_rounded(s.h.data(), s.y.data(), B * s.dim, s.dtype);
+
+  rms_norm(s.h.data(), B, s.dim, ffn_norm, ffn_eps, s.xn.data());
+  apply(L[4], s.xn.data(), B, s.a.data());
+  apply(L[6], s.xn.data(), B, s.c.data());
+  silu_mul(s.a.data(), s.c.data(), B * s.hidden);
+  apply(L[5], s.a.data(), B, s.y.data());
+  add_rounded(s.h.data(), s.y.data(), B * s.dim, s.dtype);
+}
+
 }  // namespace
 
-// x (B, 1, dim) -> (B, 1, dim), x's dtype. weights: (weight, scales, zeros) of wq, wk, wv, wo, w1,
-// w2, w3 (empty tensors where a layer has none), of kinds (kernels.h) and group sizes; caches
-// (maxB, kv_heads, T, head_dim) written at pos (B,); cos, sin (1 or B rows of head_dim, any leading shape).
-at::Tensor block_decode(const at::Tensor& x, const std::vector<at::Tensor>& weights, at::IntArrayRef kinds,
-                        at::IntArrayRef groups, const at::Tensor& attention_norm, const at::Tensor& ffn_norm,
-                        double eps, at::Tensor& cache_k, at::Tensor& cache_v, const at::Tensor& pos,
-                        const at::Tensor& cos, const at::Tensor& sin, int64_t n_heads) {
-  TORCH_CHECK(weights.size() == 3 * LINEARS && kinds.size() == LINEARS && groups.size() == LINEARS,
-              "block_decode takes 7 linear layers");
-  const int64_t B = x.size(0), dim = x.size(-1), d = cache_k.size(3), kv_heads = cache_k.size(1);
-  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, "block_decode takes one token a row");
-  TORCH_CHECK(cache_k.is_contiguous() && cache_v.is_contiguous() && B <= cache_k.size(0), "bad caches");
+// x (B, 1, dim) -> (B, 1, dim), x's dtype: n consecutive decoder blocks. weights: (weight, scales,
+// zeros) of each block's wq, wk, wv, wo, w1, w2, w3 (empty tensors where a layer has none), 21 a
+// block, of kinds (kernels.h) and group sizes (7 a block); norms and eps: each block's attention_norm
+// and ffn_norm; caches (maxB, kv_heads, T, head_dim), one a block, written at pos (B,); cos, sin (1 or
+// B rows of head_dim, any leading shape). The stream goes from block to block in fp32, rounded to x's
+// dtype after each addition as PyTorch's blocks hold it, so one call of n blocks equals n calls of one.
+at::Tensor decode_layers(const at::Tensor& x, const std::vector<at::Tensor>& weights, at::IntArrayRef kinds,
+                         at::IntArrayRef groups, const std::vector<at::Tensor>& norms, at::ArrayRef<double> eps,
+                         at::TensorList cache_k, at::TensorList cache_v, const at::Tensor& pos,
+                         const at::Tensor& cos, const at::Tensor& sin, int64_t n_heads) {
+  const int64_t n = (int64_t)cache_k.size();
+  TORCH_CHECK(n > 0 && (int64_t)cache_v.size() == n && (int64_t)weights.size() == 3 * LINEARS * n &&
+              (int64_t)kinds.size() == LINEARS * n && (int64_t)groups.size() == LINEARS * n &&
+              (int64_t)norms.size() == 2 * n && (int64_t)eps.size() == 2 * n,
+              "decode_layers takes 7 linear layers, 2 norms and 2 caches a block");
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, "decode_layers takes one token a row");
+  const int64_t B = x.size(0), dim = x.size(-1);
+  std::vector<Weight> L(LINEARS * n);
+  for (int64_t i = 0; i < LINEARS * n; ++i) L[i] = weight_of(weights, kinds[i], groups[i], i);
+  for (int64_t l = 0; l < n; ++l)
+    TORCH_CHECK(cache_k[l].is_contiguous() && cache_v[l].is_contiguous() && cache_k[l].dim() == 4 &&
+                cache_k[l].sizes() == cache_v[l].sizes() && cache_k[l].sizes() == cache_k[0].sizes() &&
+                B <= cache_k[l].size(0), "bad caches");
   TORCH_CHECK(pos.scalar_type() == at::kLong && pos.numel() == B, "pos must be int64 (B,)");
-  Weight L[LINEARS];
-  for (int i = 0; i < LINEARS; ++i) L[i] = weight_of(weights, kinds[i], groups[i], i);
-  const int64_t hidden = L[4].N;
   at::Tensor posc = pos.contiguous();
-  const int64_t* p = posc.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(p[b] >= 0 && p[b] < cache_k.size(2), "position out of the cache");
-  at::Tensor cf = cos.to(at::kFloat).reshape({-1, d}).contiguous(), sf = sin.to(at::kFloat).reshape({-1, d}).contiguous();
-
-  std::vector<float> h(B * dim), xn(B * dim), q(B * n_heads * d), k(B * kv_heads * d), v(B * kv_heads * d),
-      att(B * n_heads * d), y(B * dim), a(B * hidden), c(B * hidden);
-  at::Tensor xf = x.reshape({B, dim}).to(at::kFloat).contiguous();
-  std::copy(xf.data_ptr<float>(), xf.data_ptr<float>() + B * dim, h.begin());
-
-  rms_norm(h.data(), B, dim, attention_norm, eps, xn.data());
-  apply(L[0], xn.data(), B, q.data());
-  apply(L[1], xn.data(), B, k.data());
-  apply(L[2], xn.data(), B, v.data());
-  const bool per_row = cf.size(0) > 1;
-  rotate(q.data(), B, n_heads, d, cf.data_ptr<float>(), sf.data_ptr<float>(), per_row);
-  rotate(k.data(), B, kv_heads, d, cf.data_ptr<float>(), sf.data_ptr<float>(), per_row);
-  attend(q.data(), k.data(), v.data(), B, n_heads, kv_heads, d, cache_k, cache_v, p, att.data());
-  apply(L[3], att.data(), B, y.data());
-  add_rounded(h.data(), y.data(), B * dim, x.scalar_type());
-
-  rms_norm(h.data(), B, dim, ffn_norm, eps, xn.data());
-  apply(L[4], xn.data(), B, a.data());
-  apply(L[6], xn.data(), B, c.data());
-  silu_mul(a.data(), c.data(), B * hidden);
-  apply(L[5], a.data(), B, y.data());
-  add_rounded(h.data(), y.data(), B * dim, x.scalar_type());
-  return at::from_blob(h.data(), {B, 1, dim}, at::kFloat).to(x.scalar_type(), false, true);
+  Step s;
+  s.B = B, s.dim = dim, s.heads = n_heads, s.kv_heads = cache_k[0].size(1), s.d = cache_k[0].size(3);
+  s.hidden = L[4].N, s.pos = posc.data_ptr<int64_t>(), s.dtype = x.scalar_type();
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(s.pos[b] >= 0 && s.pos[b] < cache_k[0].size(2), "position out of the cache");
+  at::Tensor cf = cos.to(at::kFloat).reshape({-1, s.d}).contiguous();  // (1 or B, d)
+  at::Tensor sf = sin.to(at::kFloat).reshape({-1, s.d}).contiguous();
+  s.cos = cf.data_ptr<float>(), s.sin = sf.data_ptr<float>(), s.per_row = cf.size(0) > 1;
+  for (auto* v : {&s.h, &s.xn, &s.y}) v->resize(B * dim);
+  for (auto* v : {&s.q, &s.att}) v->resize(B * n_heads * s.d);
+  for (auto* v : {&s.k, &s.v}) v->resize(B * s.kv_heads * s.d);
+  for (auto* v : {&s.a, &s.c}) v->resize(B * s.hidden);
+  at::Tensor xf = x.reshape({B, dim}).to(at::kFloat).contiguous();  // (B, dim)
+  std::copy(xf.data_ptr<float>(), xf.data_ptr<float>() + B * dim, s.h.begin());
+  for (int64_t l = 0; l < n; ++l)
+    block(s, &L[LINEARS * l], norms[2 * l], eps[2 * l], norms[2 * l + 1], eps[2 * l + 1], cache_k[l], cache_v[l]);
+  return at::from_blob(s.h.data(), {B, 1, dim}, at::kFloat).to(x.scalar_type(), false, true);
 }
 
 TORCH_LIBRARY_FRAGMENT(llama_cpu, m) {
-  m.def("block_decode(Tensor x, Tensor[] weights, int[] kinds, int[] groups, Tensor attention_norm, "
-        "Tensor ffn_norm, float eps, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor pos, Tensor cos, "
-        "Tensor sin, int n_heads) -> Tensor");
+  m.def("decode_layers(Tensor x, Tensor[] weights, int[] kinds, int[] groups, Tensor[] norms, float[] eps, "
+        "Tensor(a!)[] cache_k, Tensor(b!)[] cache_v, Tensor pos, Tensor cos, Tensor sin, int n_heads) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(llama_cpu, CPU, m) { m.impl("block_decode", &block_decode); }
+TORCH_LIBRARY_IMPL(llama_cpu, CPU, m) { m.impl("decode_layers", &decode_layers); }
