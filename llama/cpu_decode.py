@@ -1,15 +1,19 @@
-"""Decoding steps on CPU with one C++ op for all the decoder blocks (llama.kernels.decode_layers).
+"""Decoding steps on CPU as one C++ op (llama.kernels.decode_step, decode_layers).
 
 On a CPU, a decoding step of a small model spends as long in PyTorch's per-op costs (dispatch,
 allocation, starting threads for each of about thirty ops a layer) as in reading the weights:
-measured on the 110M shape (2 cores), 15 ms a token of about 36. One op a block still left about
-1 ms a step of Python between the blocks (110M q4_0: 5.9 against 4.8 ms for the blocks alone).
+measured on the 110M shape (2 cores), 15 ms a token of about 36. Even a few ops a step cost more
+than they seem: a step streams every weight through the caches, so the interpreter and PyTorch's
+dispatch start cold each step (110M q4_0: the embedding 0.8 ms and the final norm 0.55 ms, against
+0.1 and 0.04 warm). So a whole step is one op.
 
 `use_fused_decode(model)`, after `use_cpu_kernels`, swaps each block for a `FusedBlock` (the same
-children under the same names, Meta's state-dict keys) and model.layers for `FusedLayers`, whose
-steps of one token a row run every block in one op. Everything else (prefill, more rows than
-MAX_ROWS, layers with hooks such as model parallel's collectives) goes through the blocks' own
-PyTorch forward, and a block list that is not all FusedBlocks runs each one's op in turn.
+children under the same names, Meta's state-dict keys), model.layers for `FusedLayers`, and the
+model's class for `FusedTransformer`: steps of one token a row run the embedding, every block, the
+final norm and the output layer in one op. Where a part is not of a kind the op knows, what can be
+fused still is: all blocks in one op, else each block in one. Everything else (prefill, more rows
+than MAX_ROWS, layers with hooks such as model parallel's collectives, torch.compile) goes through
+the modules' own PyTorch forward.
 """
 
 import torch
@@ -17,7 +21,8 @@ from torch import nn
 
 from llama import kernels
 from llama.cpu_layers import AtenInt4Linear, DenseLinear, KernelInt4Linear, KernelInt4x8Linear, KernelInt8Linear
-from llama.model import Layers, TransformerBlock
+from llama.model import Layers, RMSNorm, Transformer, TransformerBlock
+from llama.quant_layers import Int4Embedding
 
 # The kinds of csrc/kernels.h, by layer class.
 KINDS = {DenseLinear: 0, KernelInt8Linear: 1, KernelInt4Linear: 2, AtenInt4Linear: 3, KernelInt4x8Linear: 4}
@@ -30,9 +35,17 @@ def _linears(block: nn.Module) -> list[nn.Module]:
     return [a.wq, a.wk, a.wv, a.wo, f.w1, f.w2, f.w3]
 
 
+def _tensors(layer: nn.Module) -> list[torch.Tensor]:
+    """(weight, scales, zeros) of a kernel layer, empty where it has none."""
+    return [getattr(layer, name, NO_TENSOR) for name in ("weight", "scales", "zeros")]
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 def _one_token_rows(x: torch.Tensor) -> bool:
-    bsz, seqlen, _ = x.shape
-    return seqlen == 1 and bsz <= MAX_ROWS
+    return x.shape[1] == 1 and x.shape[0] <= MAX_ROWS and not torch.compiler.is_compiling()
 
 
 class FusedBlock(nn.Module):
@@ -43,36 +56,53 @@ class FusedBlock(nn.Module):
         self.layer_id = block.layer_id
         self.attention, self.feed_forward = block.attention, block.feed_forward
         self.attention_norm, self.ffn_norm = block.attention_norm, block.ffn_norm
-        linears = _linears(block)
-        self._linears = linears  # a plain list: the modules are registered above
-        self.kinds = [KINDS[type(layer)] for layer in linears]
-        self.groups = [getattr(layer, "group_size", 0) for layer in linears]
-        self.weights = [getattr(layer, name, NO_TENSOR) for layer in linears for name in ("weight", "scales", "zeros")]
-        self._has_hooks: bool | None = None
+        self._stack: Stack | None = None
 
     def forward(self, x, pos, cos, sin, mask, kv_len):
-        if not _one_token_rows(x) or self.hooked():
+        if self._stack is None:  # at the first step, after any hooks were added
+            self._stack = Stack([self])
+        if not _one_token_rows(x) or not self._stack.fused:
             return TransformerBlock.forward(self, x, pos, cos, sin, mask, kv_len)
-        return decode([self], self.weights, self.kinds, self.groups, x, pos, cos, sin)
-
-    def hooked(self) -> bool:
-        """Whether a linear layer has hooks (model parallel's collectives), which the op would skip;
-        looked at once, at the first step: hooks are added while building, before any step."""
-        if self._has_hooks is None:
-            self._has_hooks = any(m._forward_hooks or m._forward_pre_hooks for m in self._linears)
-        return self._has_hooks
+        return self._stack.layers(x, _positions(pos, x.shape[0]), cos, sin)
 
 
-def decode(blocks: list[FusedBlock], weights: list[torch.Tensor], kinds: list[int], groups: list[int],
-           x: torch.Tensor, pos, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """One step of consecutive blocks, of their weights, kinds and groups laid end to end."""
-    bsz = x.shape[0]
-    positions = torch.full((bsz,), pos, dtype=torch.long) if isinstance(pos, int) else pos.reshape(bsz)
-    norms = [n for b in blocks for n in (b.attention_norm, b.ffn_norm)]
-    caches = [b.attention.cache for b in blocks]  # read at each step: setup_caches may replace them
-    return kernels.decode_layers(x, weights, kinds, groups, [n.weight for n in norms], [n.eps for n in norms],
-                                 [c.k for c in caches], [c.v for c in caches], positions, cos, sin,
-                                 blocks[0].attention.n_local_heads)
+def _positions(pos, bsz: int) -> torch.Tensor:
+    return torch.full((bsz,), pos, dtype=torch.long) if isinstance(pos, int) else pos.reshape(bsz)
+
+
+class Stack:
+    """The op's arguments for consecutive blocks: weights, kinds and groups of their linear layers
+    and their norms, end to end, taken once (after building, the modules hold the same tensors);
+    the caches, which setup_caches replaces, are looked up again when it has. `fused`: whether every
+    block is a FusedBlock with no hooks on its linear layers (model parallel's collectives)."""
+
+    def __init__(self, blocks: list[nn.Module]):
+        self.blocks = blocks
+        self.fused = bool(blocks) and all(isinstance(b, FusedBlock) and not _hooked(*_linears(b)) for b in blocks)
+        if not self.fused:
+            return
+        linears = [layer for b in blocks for layer in _linears(b)]
+        self.weights = [t for layer in linears for t in _tensors(layer)]
+        self.kinds = [KINDS[type(layer)] for layer in linears]
+        self.groups = [getattr(layer, "group_size", 0) for layer in linears]
+        norms = [n for b in blocks for n in (b.attention_norm, b.ffn_norm)]
+        self.norms, self.eps = [n.weight for n in norms], [n.eps for n in norms]
+        self.n_heads = blocks[0].attention.n_local_heads
+        self._cache, self._k, self._v = None, [], []
+
+    def caches(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        first = self.blocks[0].attention.cache
+        if first is not self._cache:
+            caches = [b.attention.cache for b in self.blocks]
+            self._cache, self._k, self._v = first, [c.k for c in caches], [c.v for c in caches]
+        return self._k, self._v
+
+    def args(self) -> list:
+        """The blocks' arguments to decode_layers and decode_step, from weights to cache_v."""
+        return [self.weights, self.kinds, self.groups, self.norms, self.eps, *self.caches()]
+
+    def layers(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return kernels.decode_layers(x, *self.args(), positions, cos, sin, self.n_heads)
 
 
 class FusedLayers(Layers):
@@ -80,17 +110,55 @@ class FusedLayers(Layers):
 
     def __init__(self, layers: Layers):
         super().__init__(layers)
-        self._args: tuple | None = None  # the blocks' weights, kinds and groups end to end, or () for none
+        self._stack: Stack | None = None
+
+    def stack(self) -> Stack:
+        if self._stack is None:  # at the first step, after any hooks were added
+            self._stack = Stack(list(self))
+        return self._stack
 
     def forward(self, h, pos, cos, sin, mask, kv_len):
-        if self._args is None:  # at the first step, after any hooks were added
-            blocks = list(self)
-            fused = blocks and all(isinstance(b, FusedBlock) and not b.hooked() for b in blocks)
-            self._args = ([t for b in blocks for t in b.weights], [k for b in blocks for k in b.kinds],
-                          [g for b in blocks for g in b.groups]) if fused else ()
-        if self._args and _one_token_rows(h):
-            return decode(list(self), *self._args, h, pos, cos, sin)
+        if _one_token_rows(h) and self.stack().fused:
+            return self._stack.layers(h, _positions(pos, h.shape[0]), cos, sin)
         return super().forward(h, pos, cos, sin, mask, kv_len)
+
+
+class FusedTransformer(Transformer):
+    """A Transformer whose steps of one token a row run whole as one op (llama.kernels.decode_step)
+    when its embedding, blocks, final norm and output layer are all of kinds the op knows.
+    use_fused_decode gives a built model this class; its modules and state dict stay as they were."""
+
+    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0,
+                logits_pos: torch.Tensor | None = None) -> torch.Tensor:
+        if not _one_token_rows(tokens) or not self._fused_step():
+            return super().forward(tokens, start_pos, logits_pos)
+        bsz = tokens.shape[0]
+        emb, out = self._embedding_args, self._output_args
+        logits = kernels.decode_step(tokens.reshape(bsz), *emb, *self.layers.stack().args(),
+                                     _positions(start_pos, bsz), self.rope, self.layers.stack().n_heads,
+                                     self.norm.weight, self.norm.eps, *out)
+        return logits.unsqueeze(1)  # (b, 1, vocab)
+
+    def _fused_step(self) -> bool:
+        """Whether the parts are all of kinds the op knows (looked at once, at the first step), and
+        none of its embedding, blocks list, final norm and output layer has hooks (at every step)."""
+        if getattr(self, "_step_fusable", None) is None:
+            emb, out = self.tok_embeddings, self.output
+            if type(emb) is nn.Embedding and emb.weight.is_floating_point():
+                self._embedding_args = ([emb.weight, NO_TENSOR, NO_TENSOR], 0)
+                dtype = emb.weight.dtype
+            elif type(emb) is Int4Embedding:
+                self._embedding_args = ([emb.weight, emb.scales, emb.zeros], emb.group_size)
+                dtype = emb.dtype
+            else:
+                self._embedding_args = None
+            self._step_fusable = (self._embedding_args is not None and self.layers.stack().fused
+                                  and type(self.norm) is RMSNorm and type(out) in KINDS
+                                  and all(t.device.type == "cpu" for t in (emb.weight, out.weight, self.norm.weight)))
+            if self._step_fusable:
+                self._output_args = (_tensors(out), KINDS[type(out)], getattr(out, "group_size", 0), dtype)
+                self._outer = [emb, self.layers, self.norm, out]  # the model's own run around any forward
+        return self._step_fusable and not _hooked(*self._outer)
 
 
 def fusable(block: nn.Module) -> bool:
@@ -100,14 +168,17 @@ def fusable(block: nn.Module) -> bool:
 
 
 def use_fused_decode(model: nn.Module) -> nn.Module:
-    """Swap every fusable block of model.layers for a FusedBlock, and model.layers for FusedLayers
-    (in place, after use_cpu_kernels)."""
+    """Swap every fusable block of model.layers for a FusedBlock, model.layers for FusedLayers, and a
+    Transformer's class for FusedTransformer (in place, after use_cpu_kernels)."""
     layers = getattr(model, "layers", None)
     if not isinstance(layers, Layers):
         return model
     for i, block in enumerate(layers):
         if fusable(block):
             layers[i] = FusedBlock(block)
-    if any(isinstance(b, FusedBlock) for b in layers):
-        model.layers = FusedLayers(layers)
+    if not any(isinstance(b, FusedBlock) for b in layers):
+        return model
+    model.layers = FusedLayers(layers)
+    if type(model) is Transformer:
+        model.__class__ = FusedTransformer
     return model

@@ -7,7 +7,7 @@ import torch
 
 from conftest import random_llama_weights
 from llama import cpu_decode, kernels
-from llama.cpu_decode import FusedBlock, FusedLayers
+from llama.cpu_decode import FusedBlock, FusedLayers, FusedTransformer
 from llama.model import ModelArgs, Transformer
 from llama.prepare import prepare_for_device
 from llama.quant import quantize_state_dict
@@ -66,23 +66,35 @@ def test_blocks_are_fused_and_keep_meta_keys():
     assert list(model.state_dict()) == list(Transformer(ODD).state_dict())
 
 
-def test_one_op_for_all_blocks_equals_one_op_a_block(monkeypatch):
+def test_whole_step_one_op_for_all_blocks_and_one_op_a_block_agree(monkeypatch):
+    """A step is one op (embedding to logits); where the embedding, norm or output is not of a kind the
+    op knows, all blocks are one op; where the blocks are not all FusedBlocks, each is one."""
     tokens = tokens_for(ODD)
     calls = []
-    op = cpu_decode.kernels.decode_layers
-    monkeypatch.setattr(cpu_decode.kernels, "decode_layers", lambda *a: calls.append(len(a[5]) // 2) or op(*a))
-    got = steps(build(ODD), tokens, [4, 7, 5])
-    assert calls == [ODD.n_layers] * STEPS  # one call a step, of every block
+    for name in ("decode_step", "decode_layers"):
+        op = getattr(cpu_decode.kernels, name)
+        monkeypatch.setattr(cpu_decode.kernels, name, lambda *a, op=op, name=name: calls.append(name) or op(*a))
+    model = build(ODD)
+    assert type(model) is FusedTransformer
+    whole = steps(model, tokens, [4, 7, 5])
+    assert calls == ["decode_step"] * STEPS
     calls.clear()
     model = build(ODD)
-    model.layers._args = ()  # as for a list that is not all FusedBlocks: each block's own op
-    torch.testing.assert_close(steps(model, tokens, [4, 7, 5]), got, rtol=0, atol=0)
-    assert calls == [1] * (STEPS * ODD.n_layers)
+    model._step_fusable = False  # as for an embedding of another kind: the blocks in one op
+    stack = steps(model, tokens, [4, 7, 5])
+    torch.testing.assert_close(whole, stack, rtol=1e-5, atol=1e-5)  # the final norm: C++ against PyTorch
+    assert calls == ["decode_layers"] * STEPS
+    calls.clear()
+    model = build(ODD)
+    model._step_fusable = False
+    model.layers._stack = cpu_decode.Stack([])  # as for a list not all FusedBlocks: each block's own op
+    torch.testing.assert_close(steps(model, tokens, [4, 7, 5]), stack, rtol=0, atol=0)
+    assert calls == ["decode_layers"] * (STEPS * ODD.n_layers)
     calls.clear()
     model = build(ODD)
     model.layers[1] = build(ODD, prepared=False).layers[1]  # a plain TransformerBlock
-    torch.testing.assert_close(steps(model, tokens, [4, 7, 5]), got, rtol=1e-5, atol=2e-5)
-    assert calls == [1] * STEPS  # block 0's op; block 1 through PyTorch
+    torch.testing.assert_close(steps(model, tokens, [4, 7, 5]), whole, rtol=1e-5, atol=2e-5)
+    assert calls == ["decode_layers"] * STEPS  # block 0's op; block 1 through PyTorch
 
 
 @pytest.mark.parametrize("prompt_lens", [[5, 5, 5], [3, 9, 6]])

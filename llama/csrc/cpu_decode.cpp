@@ -126,13 +126,14 @@ void attend(const float* q, const float* k, const float* v, int64_t B, int64_t h
   }
 }
 
+inline float rounded(float v, at::ScalarType dtype) {
+  return dtype == at::kHalf ? static_cast<float>(at::Half(v))
+       : dtype == at::kBFloat16 ? static_cast<float>(at::BFloat16(v)) : v;
+}
+
 // The residual stream is held in the model's dtype, as PyTorch's block holds it: h += y, rounded.
 void add_rounded(float* h, const float* y, int64_t n, at::ScalarType dtype) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float t = h[i] + y[i];
-    h[i] = dtype == at::kHalf ? static_cast<float>(at::Half(t))
-         : dtype == at::kBFloat16 ? static_cast<float>(at::BFloat16(t)) : t;
-  }
+  for (int64_t i = 0; i < n; ++i) h[i] = rounded(h[i] + y[i], dtype);
 }
 
 // a = silu(a) * c = a / (1 + e^-a) * c
@@ -160,9 +161,8 @@ Weight weight_of(const std::vector<at::Tensor>& t, int64_t kind, int64_t group, 
 struct Step {
   int64_t B, dim, heads, kv_heads, d, hidden;
   const int64_t* pos;
-  const float *cos, *sin;
-  bool per_row;  // one rotary row per batch row, or one for all
-  at::ScalarType dtype;  // the residual stream's
+  std::vector<float> cos, sin;  // (1 or B, d): one rotary row for all rows, or one a row
+  at::ScalarType dtype;         // the residual stream's
   std::vector<float> h, xn, q, k, v, att, y, a, c;
 };
 
@@ -170,12 +170,13 @@ struct Step {
 void block(Step& s, const Weight* L, const at::Tensor& attention_norm, double attention_eps,
            const at::Tensor& ffn_norm, double ffn_eps, const at::Tensor& cache_k, const at::Tensor& cache_v) {
   const int64_t B = s.B;
+  const bool per_row = (int64_t)s.cos.size() > s.d;
   rms_norm(s.h.data(), B, s.dim, attention_norm, attention_eps, s.xn.data());
   apply(L[0], s.xn.data(), B, s.q.data());
   apply(L[1], s.xn.data(), B, s.k.data());
   apply(L[2], s.xn.data(), B, s.v.data());
-  rotate(s.q.data(), B, s.heads, s.d, s.cos, s.sin, s.per_row);
-  rotate(s.k.data(), B, s.kv_heads, s.d, s.cos, s.sin, s.per_row);
+  rotate(s.q.data(), B, s.heads, s.d, s.cos.data(), s.sin.data(), per_row);
+  rotate(s.k.data(), B, s.kv_heads, s.d, s.cos.data(), s.sin.data(), per_row);
   attend(s.q.data(), s.k.data(), s.v.data(), B, s.heads, s.kv_heads, s.d, cache_k, cache_v, s.pos, s.att.data());
   apply(L[3], s.att.data(), B, s.y.data());
   add_rounded(s.h.data(), s.y.data(), B * s.dim, s.dtype);
@@ -188,53 +189,152 @@ void block(Step& s, const Weight* L, const at::Tensor& attention_norm, double at
   add_rounded(s.h.data(), s.y.data(), B * s.dim, s.dtype);
 }
 
-}  // namespace
-
-// x (B, 1, dim) -> (B, 1, dim), x's dtype: n consecutive decoder blocks. weights: (weight, scales,
-// zeros) of each block's wq, wk, wv, wo, w1, w2, w3 (empty tensors where a layer has none), 21 a
-// block, of kinds (kernels.h) and group sizes (7 a block); norms and eps: each block's attention_norm
-// and ffn_norm; caches (maxB, kv_heads, T, head_dim), one a block, written at pos (B,); cos, sin (1 or
-// B rows of head_dim, any leading shape). The stream goes from block to block in fp32, rounded to x's
-// dtype after each addition as PyTorch's blocks hold it, so one call of n blocks equals n calls of one.
-at::Tensor decode_layers(const at::Tensor& x, const std::vector<at::Tensor>& weights, at::IntArrayRef kinds,
-                         at::IntArrayRef groups, const std::vector<at::Tensor>& norms, at::ArrayRef<double> eps,
-                         at::TensorList cache_k, at::TensorList cache_v, const at::Tensor& pos,
-                         const at::Tensor& cos, const at::Tensor& sin, int64_t n_heads) {
+// The blocks' weights, checked, and a Step for B rows of dim at positions pos, its vectors sized.
+std::vector<Weight> blocks_of(Step& s, int64_t B, int64_t dim, const std::vector<at::Tensor>& weights,
+                              at::IntArrayRef kinds, at::IntArrayRef groups, const std::vector<at::Tensor>& norms,
+                              at::ArrayRef<double> eps, at::TensorList cache_k, at::TensorList cache_v,
+                              const at::Tensor& pos, int64_t n_heads) {
   const int64_t n = (int64_t)cache_k.size();
   TORCH_CHECK(n > 0 && (int64_t)cache_v.size() == n && (int64_t)weights.size() == 3 * LINEARS * n &&
               (int64_t)kinds.size() == LINEARS * n && (int64_t)groups.size() == LINEARS * n &&
               (int64_t)norms.size() == 2 * n && (int64_t)eps.size() == 2 * n,
-              "decode_layers takes 7 linear layers, 2 norms and 2 caches a block");
-  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, "decode_layers takes one token a row");
-  const int64_t B = x.size(0), dim = x.size(-1);
+              "decoding takes 7 linear layers, 2 norms and 2 caches a block");
   std::vector<Weight> L(LINEARS * n);
   for (int64_t i = 0; i < LINEARS * n; ++i) L[i] = weight_of(weights, kinds[i], groups[i], i);
   for (int64_t l = 0; l < n; ++l)
     TORCH_CHECK(cache_k[l].is_contiguous() && cache_v[l].is_contiguous() && cache_k[l].dim() == 4 &&
                 cache_k[l].sizes() == cache_v[l].sizes() && cache_k[l].sizes() == cache_k[0].sizes() &&
                 B <= cache_k[l].size(0), "bad caches");
-  TORCH_CHECK(pos.scalar_type() == at::kLong && pos.numel() == B, "pos must be int64 (B,)");
-  at::Tensor posc = pos.contiguous();
-  Step s;
+  TORCH_CHECK(pos.scalar_type() == at::kLong && pos.is_contiguous() && pos.numel() == B, "pos must be (B,)");
   s.B = B, s.dim = dim, s.heads = n_heads, s.kv_heads = cache_k[0].size(1), s.d = cache_k[0].size(3);
-  s.hidden = L[4].N, s.pos = posc.data_ptr<int64_t>(), s.dtype = x.scalar_type();
+  s.hidden = L[4].N, s.pos = pos.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) TORCH_CHECK(s.pos[b] >= 0 && s.pos[b] < cache_k[0].size(2), "position out of the cache");
-  at::Tensor cf = cos.to(at::kFloat).reshape({-1, s.d}).contiguous();  // (1 or B, d)
-  at::Tensor sf = sin.to(at::kFloat).reshape({-1, s.d}).contiguous();
-  s.cos = cf.data_ptr<float>(), s.sin = sf.data_ptr<float>(), s.per_row = cf.size(0) > 1;
   for (auto* v : {&s.h, &s.xn, &s.y}) v->resize(B * dim);
   for (auto* v : {&s.q, &s.att}) v->resize(B * n_heads * s.d);
   for (auto* v : {&s.k, &s.v}) v->resize(B * s.kv_heads * s.d);
   for (auto* v : {&s.a, &s.c}) v->resize(B * s.hidden);
+  return L;
+}
+
+void run_blocks(Step& s, const std::vector<Weight>& L, const std::vector<at::Tensor>& norms, at::ArrayRef<double> eps,
+                at::TensorList cache_k, at::TensorList cache_v) {
+  for (size_t l = 0; l < cache_k.size(); ++l)
+    block(s, &L[LINEARS * l], norms[2 * l], eps[2 * l], norms[2 * l + 1], eps[2 * l + 1], cache_k[l], cache_v[l]);
+}
+
+// Elements lo..lo+n of a floating-point tensor t, to fp32.
+void floats(const at::Tensor& t, int64_t lo, int64_t n, float* out) {
+  switch (t.scalar_type()) {
+    case at::kFloat: for (int64_t i = 0; i < n; ++i) out[i] = t.data_ptr<float>()[lo + i]; break;
+    case at::kHalf: for (int64_t i = 0; i < n; ++i) out[i] = get(t.data_ptr<at::Half>(), lo + i); break;
+    case at::kBFloat16: for (int64_t i = 0; i < n; ++i) out[i] = get(t.data_ptr<at::BFloat16>(), lo + i); break;
+    default: TORCH_CHECK(false, "unsupported dtype ", t.scalar_type());
+  }
+}
+
+// Rows of tokens of an embedding table into h (B, dim), rounded to dtype: a float table (V, dim), or
+// (group > 0) llama.quant_layers.Int4Embedding's int4 pairs (V, dim / 2), scales and zeros (V, dim / group).
+void embed(const int64_t* tokens, int64_t B, int64_t dim, const std::vector<at::Tensor>& table, int64_t group,
+           at::ScalarType dtype, float* h) {
+  const at::Tensor& w = table[0];
+  const int64_t V = w.size(0), groups = group ? dim / group : 0;
+  TORCH_CHECK(w.is_contiguous() && (group ? w.size(1) * 2 : w.size(1)) == dim, "bad embedding table");
+  std::vector<float> sc(groups), zs(groups);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t t = tokens[b];
+    TORCH_CHECK(t >= 0 && t < V, "token ", t, " outside the embedding table of ", V);
+    float* out = h + b * dim;
+    if (group == 0) {
+      floats(w, t * dim, dim, out);
+    } else {
+      const uint8_t* q = w.data_ptr<uint8_t>() + t * dim / 2;
+      floats(table[1], t * groups, groups, sc.data());
+      const bool zeros = table[2].numel() > 0;
+      if (zeros) floats(table[2], t * groups, groups, zs.data());
+      for (int64_t k = 0; k < dim; ++k) {
+        const int v = (k & 1) ? q[k / 2] >> 4 : q[k / 2] & 15;
+        const float x = (float)(v - 8) * sc[k / group];
+        out[k] = zeros ? x + zs[k / group] : x;
+      }
+    }
+    for (int64_t k = 0; k < dim; ++k) out[k] = rounded(out[k], dtype);
+  }
+}
+
+}  // namespace
+
+// x (B, 1, dim) -> (B, 1, dim), x's dtype: n consecutive decoder blocks. weights: (weight, scales,
+// zeros) of each block's wq, wk, wv, wo, w1, w2, w3 (empty tensors where a layer has none), 21 a
+// block, of kinds (kernels.h) and group sizes (7 a block); norms and eps: each block's attention_norm
+// and ffn_norm; caches (maxB, kv_heads, T, head_dim), one a block, written at pos (B,) (integers);
+// cos, sin (1 or B rows of head_dim, any leading shape). The stream goes from block to block in
+// fp32, rounded to x's dtype after each addition as PyTorch's blocks hold it, so one call of n
+// blocks equals n calls of one.
+at::Tensor decode_layers(const at::Tensor& x, const std::vector<at::Tensor>& weights, at::IntArrayRef kinds,
+                         at::IntArrayRef groups, const std::vector<at::Tensor>& norms, at::ArrayRef<double> eps,
+                         at::TensorList cache_k, at::TensorList cache_v, const at::Tensor& pos,
+                         const at::Tensor& cos, const at::Tensor& sin, int64_t n_heads) {
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, "decode_layers takes one token a row");
+  const int64_t B = x.size(0), dim = x.size(-1);
+  Step s;
+  at::Tensor posc = pos.reshape({-1}).to(at::kLong).contiguous();  // (B,)
+  const std::vector<Weight> L = blocks_of(s, B, dim, weights, kinds, groups, norms, eps, cache_k, cache_v, posc, n_heads);
+  s.dtype = x.scalar_type();
+  at::Tensor cf = cos.to(at::kFloat).reshape({-1, s.d}).contiguous();  // (1 or B, d)
+  at::Tensor sf = sin.to(at::kFloat).reshape({-1, s.d}).contiguous();
+  s.cos.assign(cf.data_ptr<float>(), cf.data_ptr<float>() + cf.numel());
+  s.sin.assign(sf.data_ptr<float>(), sf.data_ptr<float>() + sf.numel());
   at::Tensor xf = x.reshape({B, dim}).to(at::kFloat).contiguous();  // (B, dim)
   std::copy(xf.data_ptr<float>(), xf.data_ptr<float>() + B * dim, s.h.begin());
-  for (int64_t l = 0; l < n; ++l)
-    block(s, &L[LINEARS * l], norms[2 * l], eps[2 * l], norms[2 * l + 1], eps[2 * l + 1], cache_k[l], cache_v[l]);
+  run_blocks(s, L, norms, eps, cache_k, cache_v);
   return at::from_blob(s.h.data(), {B, 1, dim}, at::kFloat).to(x.scalar_type(), false, true);
+}
+
+// A whole decoding step of a Transformer: tokens (B,) at pos (B,) -> logits (B, vocab) fp32.
+// embedding: (weight, scales, zeros) of the table (see embed); the blocks as for decode_layers; rope
+// (2, T, head_dim): the model's cos and signed sin tables; norm, norm_eps and output (weight, scales,
+// zeros, of output_kind and output_group): the final norm and projection. dtype: the residual stream's.
+at::Tensor decode_step(const at::Tensor& tokens, const std::vector<at::Tensor>& embedding, int64_t embedding_group,
+                       const std::vector<at::Tensor>& weights, at::IntArrayRef kinds, at::IntArrayRef groups,
+                       const std::vector<at::Tensor>& norms, at::ArrayRef<double> eps, at::TensorList cache_k,
+                       at::TensorList cache_v, const at::Tensor& pos, const at::Tensor& rope, int64_t n_heads,
+                       const at::Tensor& norm, double norm_eps, const std::vector<at::Tensor>& output,
+                       int64_t output_kind, int64_t output_group, at::ScalarType dtype) {
+  TORCH_CHECK(!at::isFloatingType(tokens.scalar_type()), "tokens must be integers");
+  TORCH_CHECK(embedding.size() == 3 && output.size() == 3, "embedding and output are (weight, scales, zeros)");
+  const at::Tensor tok = tokens.reshape({-1}).to(at::kLong).contiguous();  // (B,)
+  const int64_t B = tok.size(0), dim = norm.numel();
+  Step s;
+  at::Tensor posc = pos.reshape({-1}).to(at::kLong).contiguous();  // (B,)
+  const std::vector<Weight> L = blocks_of(s, B, dim, weights, kinds, groups, norms, eps, cache_k, cache_v, posc, n_heads);
+  s.dtype = dtype;
+  TORCH_CHECK(rope.dim() == 3 && rope.size(0) == 2 && rope.size(2) == s.d && rope.is_contiguous(), "bad rope tables");
+  const int64_t T = rope.size(1), d = s.d;
+  s.cos.resize(B * d), s.sin.resize(B * d);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(s.pos[b] < T, "position out of the rope tables");
+    floats(rope, s.pos[b] * d, d, s.cos.data() + b * d);
+    floats(rope, (T + s.pos[b]) * d, d, s.sin.data() + b * d);
+  }
+  embed(tok.data_ptr<int64_t>(), B, dim, embedding, embedding_group, dtype, s.h.data());
+  run_blocks(s, L, norms, eps, cache_k, cache_v);
+  const Weight head = weight_of(output, output_kind, output_group, 0);
+  TORCH_CHECK(head.K == dim, "the output layer takes ", head.K, " features, not ", dim);
+  rms_norm(s.h.data(), B, dim, norm, norm_eps, s.xn.data());
+  at::Tensor logits = at::empty({B, head.N}, at::kFloat);
+  apply(head, s.xn.data(), B, logits.data_ptr<float>());
+  return logits;
 }
 
 TORCH_LIBRARY_FRAGMENT(llama_cpu, m) {
   m.def("decode_layers(Tensor x, Tensor[] weights, int[] kinds, int[] groups, Tensor[] norms, float[] eps, "
         "Tensor(a!)[] cache_k, Tensor(b!)[] cache_v, Tensor pos, Tensor cos, Tensor sin, int n_heads) -> Tensor");
+  m.def("decode_step(Tensor tokens, Tensor[] embedding, int embedding_group, Tensor[] weights, int[] kinds, "
+        "int[] groups, Tensor[] norms, float[] eps, Tensor(a!)[] cache_k, Tensor(b!)[] cache_v, Tensor pos, "
+        "Tensor rope, int n_heads, Tensor norm, float norm_eps, Tensor[] output, int output_kind, "
+        "int output_group, ScalarType dtype) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(llama_cpu, CPU, m) { m.impl("decode_layers", &decode_layers); }
+TORCH_LIBRARY_IMPL(llama_cpu, CPU, m) {
+  m.impl("decode_layers", &decode_layers);
+  m.impl("decode_step", &decode_step);
+}
