@@ -162,6 +162,28 @@ def test_gguf_q4_0_layers(monkeypatch):
     torch.testing.assert_close(got, steps(model, tokens, [4, 8, 6]), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("zeros", [False, True])
+def test_whole_step_with_int4_embeddings(zeros, monkeypatch):
+    """GGUF's Q4_0 (fp16 scales, no zeros) and Q4_1 embedding tables: the op's lookup equals the module's."""
+    from llama.quant import quantize_int4
+    from llama.quant_layers import Int4Embedding
+
+    model = build(INT4, quantize="int4", prepared=False)
+    packed, scales, zs = quantize_int4(model.tok_embeddings.weight.detach(), 32)
+    table = Int4Embedding(INT4.vocab_size, INT4.dim, 32, torch.float32 if zeros else torch.float16, zeros=zeros)
+    table.weight.copy_(packed)
+    table.scales.copy_(scales)
+    table.zeros.copy_(zs if zeros else zs[:, :0])
+    model.tok_embeddings = table
+    prepare_for_device(model)
+    assert type(model) is FusedTransformer and model._fused_step()
+    tokens = tokens_for(INT4)
+    got = steps(model, tokens, [4, 8, 6])
+    unfused(monkeypatch)
+    want = steps(model, tokens, [4, 8, 6])
+    assert ((got - want).norm() / want.norm()).item() < 1e-3  # int4 layers: see the test above
+
+
 def test_layers_with_hooks_use_the_pytorch_forward():
     """Model parallel's collectives are forward hooks on wo and w2: a fused step would skip them."""
     tokens = tokens_for(ODD)

@@ -208,7 +208,8 @@ std::vector<Weight> blocks_of(Step& s, int64_t B, int64_t dim, const std::vector
   TORCH_CHECK(pos.scalar_type() == at::kLong && pos.is_contiguous() && pos.numel() == B, "pos must be (B,)");
   s.B = B, s.dim = dim, s.heads = n_heads, s.kv_heads = cache_k[0].size(1), s.d = cache_k[0].size(3);
   s.hidden = L[4].N, s.pos = pos.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(s.pos[b] >= 0 && s.pos[b] < cache_k[0].size(2), "position out of the cache");
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(s.pos[b] >= 0 && s.pos[b] < cache_k[0].size(2), "position out of the cache");
   for (auto* v : {&s.h, &s.xn, &s.y}) v->resize(B * dim);
   for (auto* v : {&s.q, &s.att}) v->resize(B * n_heads * s.d);
   for (auto* v : {&s.k, &s.v}) v->resize(B * s.kv_heads * s.d);
@@ -278,7 +279,8 @@ at::Tensor decode_layers(const at::Tensor& x, const std::vector<at::Tensor>& wei
   const int64_t B = x.size(0), dim = x.size(-1);
   Step s;
   at::Tensor posc = pos.reshape({-1}).to(at::kLong).contiguous();  // (B,)
-  const std::vector<Weight> L = blocks_of(s, B, dim, weights, kinds, groups, norms, eps, cache_k, cache_v, posc, n_heads);
+  const std::vector<Weight> L =
+      blocks_of(s, B, dim, weights, kinds, groups, norms, eps, cache_k, cache_v, posc, n_heads);
   s.dtype = x.scalar_type();
   at::Tensor cf = cos.to(at::kFloat).reshape({-1, s.d}).contiguous();  // (1 or B, d)
   at::Tensor sf = sin.to(at::kFloat).reshape({-1, s.d}).contiguous();
@@ -306,7 +308,8 @@ at::Tensor decode_step(const at::Tensor& tokens, const std::vector<at::Tensor>& 
   const int64_t B = tok.size(0), dim = norm.numel();
   Step s;
   at::Tensor posc = pos.reshape({-1}).to(at::kLong).contiguous();  // (B,)
-  const std::vector<Weight> L = blocks_of(s, B, dim, weights, kinds, groups, norms, eps, cache_k, cache_v, posc, n_heads);
+  const std::vector<Weight> L =
+      blocks_of(s, B, dim, weights, kinds, groups, norms, eps, cache_k, cache_v, posc, n_heads);
   s.dtype = dtype;
   TORCH_CHECK(rope.dim() == 3 && rope.size(0) == 2 && rope.size(2) == s.d && rope.is_contiguous(), "bad rope tables");
   const int64_t T = rope.size(1), d = s.d;
