@@ -12,7 +12,7 @@ def prepare_for_device(model: nn.Module) -> nn.Module:
     """Switch layers to the fastest kernels their device has (in place, after loading): on CPU,
     llama.kernels for fp32, fp16, bf16 and int8 weights where they build, and for int4 the faster of
     PyTorch's kernel and llama.kernels that the layer's shape allows, and decoding steps of one C++
-    op a block (llama.cpu_decode). Elsewhere PyTorch's ops stay."""
+    op (llama.cpu_decode). Elsewhere PyTorch's ops stay."""
     return use_fused_decode(use_cpu_kernels(model))
 
 
