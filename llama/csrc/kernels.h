@@ -149,21 +149,20 @@ inline void dense_tile(const T* w, int64_t K, const float* x, int64_t n0, int64_
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < MT; ++m) acc[a][r][m] = vzero();
   const int64_t kv = K / W * W, ahead = rows_ahead(R, K * sizeof(T));
-  int64_t k = 0;
-  for (; k < kv; k += A * W) {
-    const int banks = k + A * W <= kv ? A : 1;
-#pragma GCC unroll 2
-    for (int a = 0; a < A; ++a) {
-      if (a >= banks) break;
-      vf xv[MT];
-      for (int m = 0; m < MT; ++m) xv[m] = vload(x + (m0 + m) * K + k + a * W);
-      for (int r = 0; r < R; ++r) {
-        _mm_prefetch((const char*)(w + (n0 + ahead + r) * K + k + a * W), _MM_HINT_T0);
-        vf wv = load_w(w + (n0 + r) * K + k + a * W);
-        for (int m = 0; m < MT; ++m) acc[a][r][m] = vfma(wv, xv[m], acc[a][r][m]);
-      }
+  // One vector of every row and token at k into bank a.
+  const auto step = [&](int64_t k, int a) __attribute__((always_inline)) {
+    vf xv[MT];
+    for (int m = 0; m < MT; ++m) xv[m] = vload(x + (m0 + m) * K + k);
+    for (int r = 0; r < R; ++r) {
+      _mm_prefetch((const char*)(w + (n0 + ahead + r) * K + k), _MM_HINT_T0);
+      vf wv = load_w(w + (n0 + r) * K + k);
+      for (int m = 0; m < MT; ++m) acc[a][r][m] = vfma(wv, xv[m], acc[a][r][m]);
     }
-  }
+  };
+  int64_t k = 0;
+  if constexpr (A == 2)
+    for (; k + 2 * W <= kv; k += 2 * W) step(k, 0), step(k + W, 1);
+  for (; k < kv; k += W) step(k, 0);
   for (int r = 0; r < R; ++r) {
     const T* wr = w + (n0 + r) * K;
     const float s = scale ? scale[n0 + r] : 1.0f;
