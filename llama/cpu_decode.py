@@ -9,11 +9,12 @@ dispatch start cold each step (110M q4_0: the embedding 0.8 ms and the final nor
 
 `use_fused_decode(model)`, after `use_cpu_kernels`, swaps each block for a `FusedBlock` (the same
 children under the same names, Meta's state-dict keys), model.layers for `FusedLayers`, and the
-model's class for `FusedTransformer`: steps of one token a row run the embedding, every block, the
-final norm and the output layer in one op. Where a part is not of a kind the op knows, what can be
-fused still is: all blocks in one op, else each block in one. Everything else (prefill, more rows
-than MAX_ROWS, layers with hooks such as model parallel's collectives, torch.compile) goes through
-the modules' own PyTorch forward.
+model's class for `FusedTransformer`: steps of one token a row, and prefills of up to
+PREFILL_MAX_TOKENS tokens, run the embedding, every block, the final norm and the output layer in
+one op. Where a part is not of a kind the op knows, what can be fused still is: all blocks in one
+op, else each block in one. Everything else (longer prefills, more rows than MAX_ROWS, layers with
+hooks such as model parallel's collectives, torch.compile) goes through the modules' own PyTorch
+forward.
 """
 
 import torch
@@ -28,6 +29,7 @@ from llama.quant_layers import Int4Embedding
 KINDS = {DenseLinear: 0, KernelInt8Linear: 1, KernelInt4Linear: 2, AtenInt4Linear: 3, KernelInt4x8Linear: 4}
 NO_TENSOR = torch.empty(0)
 MAX_ROWS = DenseLinear.KERNEL_MAX_TOKENS  # rows a step: the kernels read each weight once for all
+PREFILL_MAX_TOKENS = 256  # tokens of a prefill in one op, whose attention is plain loops (no tiles)
 
 
 def _linears(block: nn.Module) -> list[nn.Module]:
@@ -44,8 +46,13 @@ def _hooked(*modules: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
-def _one_token_rows(x: torch.Tensor) -> bool:
-    return x.shape[1] == 1 and x.shape[0] <= MAX_ROWS and not torch.compiler.is_compiling()
+def _op_rows(x: torch.Tensor, stack: "Stack") -> bool:
+    """Whether the op takes x (b, s, ...): a step of at most MAX_ROWS rows, or a prefill of at most
+    PREFILL_MAX_TOKENS tokens whose every linear layer computes in the kernels anyway."""
+    b, s = x.shape[:2]
+    if torch.compiler.is_compiling() or not stack.fused:
+        return False
+    return b <= MAX_ROWS if s == 1 else b * s <= PREFILL_MAX_TOKENS and stack.prefill
 
 
 class FusedBlock(nn.Module):
@@ -61,20 +68,25 @@ class FusedBlock(nn.Module):
     def forward(self, x, pos, cos, sin, mask, kv_len):
         if self._stack is None:  # at the first step, after any hooks were added
             self._stack = Stack([self])
-        if not _one_token_rows(x) or not self._stack.fused:
+        if not _op_rows(x, self._stack):
             return TransformerBlock.forward(self, x, pos, cos, sin, mask, kv_len)
-        return self._stack.layers(x, _positions(pos, x.shape[0]), cos, sin)
+        return self._stack.layers(x, _positions(pos, *x.shape[:2]), cos, sin)
 
 
-def _positions(pos, bsz: int) -> torch.Tensor:
-    return torch.full((bsz,), pos, dtype=torch.long) if isinstance(pos, int) else pos.reshape(bsz)
+def _positions(pos: int | torch.Tensor, bsz: int, seqlen: int) -> torch.Tensor:
+    """(b, s) positions of each token from Transformer._span's int or (b, s) tensor."""
+    if isinstance(pos, int):
+        return (pos + torch.arange(seqlen)).expand(bsz, seqlen)  # (b, s)
+    return pos.reshape(bsz, seqlen)
 
 
 class Stack:
     """The op's arguments for consecutive blocks: weights, kinds and groups of their linear layers
     and their norms, end to end, taken once (after building, the modules hold the same tensors);
     the caches, which setup_caches replaces, are looked up again when it has. `fused`: whether every
-    block is a FusedBlock with no hooks on its linear layers (model parallel's collectives)."""
+    block is a FusedBlock with no hooks on its linear layers (model parallel's collectives);
+    `prefill`: whether their layers compute many tokens in the kernels too (DenseLinear may use
+    PyTorch's matrix multiply there)."""
 
     def __init__(self, blocks: list[nn.Module]):
         self.blocks = blocks
@@ -82,6 +94,7 @@ class Stack:
         if not self.fused:
             return
         linears = [layer for b in blocks for layer in _linears(b)]
+        self.prefill = all(_kernel_prefill(layer) for layer in linears)
         self.weights = [t for layer in linears for t in _tensors(layer)]
         self.kinds = [KINDS[type(layer)] for layer in linears]
         self.groups = [getattr(layer, "group_size", 0) for layer in linears]
@@ -105,8 +118,13 @@ class Stack:
         return kernels.decode_layers(x, *self.args(), positions, cos, sin, self.n_heads)
 
 
+def _kernel_prefill(layer: nn.Module) -> bool:
+    return not isinstance(layer, DenseLinear) or layer.kernel_prefill
+
+
 class FusedLayers(Layers):
-    """model.layers whose one-token steps run all blocks in one op, when all are unhooked FusedBlocks."""
+    """model.layers whose steps and short prefills run all blocks in one op, when all are unhooked
+    FusedBlocks."""
 
     def __init__(self, layers: Layers):
         super().__init__(layers)
@@ -118,26 +136,34 @@ class FusedLayers(Layers):
         return self._stack
 
     def forward(self, h, pos, cos, sin, mask, kv_len):
-        if _one_token_rows(h) and self.stack().fused:
-            return self._stack.layers(h, _positions(pos, h.shape[0]), cos, sin)
+        if _op_rows(h, self.stack()):
+            return self._stack.layers(h, _positions(pos, *h.shape[:2]), cos, sin)
         return super().forward(h, pos, cos, sin, mask, kv_len)
 
 
 class FusedTransformer(Transformer):
-    """A Transformer whose steps of one token a row run whole as one op (llama.kernels.decode_step)
+    """A Transformer whose steps and short prefills run whole as one op (llama.kernels.decode_step)
     when its embedding, blocks, final norm and output layer are all of kinds the op knows.
     use_fused_decode gives a built model this class; its modules and state dict stay as they were."""
 
     def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0,
                 logits_pos: torch.Tensor | None = None) -> torch.Tensor:
-        if not _one_token_rows(tokens) or not self._fused_step():
+        bsz, seqlen = tokens.shape
+        all_logits = seqlen > 1 and logits_pos is None
+        if (not self._fused_step() or not _op_rows(tokens, self.layers.stack())
+                or all_logits and not _kernel_prefill(self.output)):
             return super().forward(tokens, start_pos, logits_pos)
-        bsz = tokens.shape[0]
-        emb, out = self._embedding_args, self._output_args
-        logits = kernels.decode_step(tokens.reshape(bsz), *emb, *self.layers.stack().args(),
-                                     _positions(start_pos, bsz), self.rope, self.layers.stack().n_heads,
-                                     self.norm.weight, self.norm.eps, *out)
-        return logits.unsqueeze(1)  # (b, 1, vocab)
+        if isinstance(start_pos, int):
+            pos = _positions(start_pos, bsz, seqlen)
+        else:
+            pos = start_pos.reshape(bsz, 1) + torch.arange(seqlen)  # (b, s)
+        rows = torch.arange(bsz * seqlen)  # the tokens whose logits are returned
+        if logits_pos is not None:
+            rows = torch.arange(bsz) * seqlen + logits_pos.reshape(bsz)
+        stack = self.layers.stack()
+        logits = kernels.decode_step(tokens, *self._embedding_args, *stack.args(), pos, self.rope, stack.n_heads,
+                                     self.norm.weight, self.norm.eps, *self._output_args, rows)
+        return logits.view(bsz, -1, logits.shape[-1])  # (b, s or 1, vocab)
 
     def _fused_step(self) -> bool:
         """Whether the parts are all of kinds the op knows (looked at once, at the first step), and

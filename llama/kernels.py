@@ -159,7 +159,7 @@ def decode_layers(x: torch.Tensor, weights: list[torch.Tensor], kinds: list[int]
                   norms: list[torch.Tensor], eps: list[float], cache_k: list[torch.Tensor],
                   cache_v: list[torch.Tensor], pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   n_heads: int) -> torch.Tensor:
-    """Consecutive decoder blocks for x (B, 1, dim), one new token a row at positions pos (B,);
+    """Consecutive decoder blocks for x (B, S, dim), S new tokens a row at positions pos (B, S);
     per block 7 linear layers' (weight, scales, zeros), kinds and groups, 2 norms and eps, and one
     cache_k and cache_v, which get the new keys and values; see csrc/cpu_decode.cpp."""
     return torch.ops.llama_cpu.decode_layers(x, weights, kinds, groups, norms, eps, cache_k, cache_v, pos, cos,
@@ -170,14 +170,16 @@ def decode_step(tokens: torch.Tensor, embedding: list[torch.Tensor], embedding_g
                 weights: list[torch.Tensor], kinds: list[int], groups: list[int], norms: list[torch.Tensor],
                 eps: list[float], cache_k: list[torch.Tensor], cache_v: list[torch.Tensor], pos: torch.Tensor,
                 rope: torch.Tensor, n_heads: int, norm: torch.Tensor, norm_eps: float, output: list[torch.Tensor],
-                output_kind: int, output_group: int, dtype: torch.dtype) -> torch.Tensor:
-    """A whole decoding step, tokens (B,) at pos (B,) -> logits (B, vocab) fp32: the embedding
-    table's (weight, scales, zeros) (int4 pairs when embedding_group > 0), the blocks as for
-    decode_layers, the rope tables (2, T, head_dim), the final norm and the output layer's (weight,
-    scales, zeros); dtype is the residual stream's. See csrc/cpu_decode.cpp."""
+                output_kind: int, output_group: int, dtype: torch.dtype,
+                logits_rows: torch.Tensor) -> torch.Tensor:
+    """A whole forward, tokens (B, S) at pos (B, S) -> logits (n, vocab) fp32 of the n tokens
+    logits_rows (indices into the B * S tokens): the embedding table's (weight, scales, zeros) (int4
+    pairs when embedding_group > 0), the blocks as for decode_layers, the rope tables (2, T,
+    head_dim), the final norm and the output layer's (weight, scales, zeros); dtype is the residual
+    stream's. See csrc/cpu_decode.cpp."""
     return torch.ops.llama_cpu.decode_step(tokens, embedding, embedding_group, weights, kinds, groups, norms, eps,
                                            cache_k, cache_v, pos, rope, n_heads, norm, norm_eps, output,
-                                           output_kind, output_group, dtype)
+                                           output_kind, output_group, dtype, logits_rows)
 
 
 def int4_group_ok(in_features: int, group_size: int) -> bool:

@@ -53,7 +53,8 @@ def tokens_for(args: ModelArgs) -> torch.Tensor:
 
 
 def unfused(monkeypatch):
-    monkeypatch.setattr(cpu_decode, "MAX_ROWS", 0)  # every step through the blocks' PyTorch forward
+    monkeypatch.setattr(cpu_decode, "MAX_ROWS", 0)  # every step and prefill through PyTorch's forward
+    monkeypatch.setattr(cpu_decode, "PREFILL_MAX_TOKENS", 0)
 
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="the C++ kernels are tested in test_kernels")
@@ -67,8 +68,9 @@ def test_blocks_are_fused_and_keep_meta_keys():
 
 
 def test_whole_step_one_op_for_all_blocks_and_one_op_a_block_agree(monkeypatch):
-    """A step is one op (embedding to logits); where the embedding, norm or output is not of a kind the
-    op knows, all blocks are one op; where the blocks are not all FusedBlocks, each is one."""
+    """A step (and the prefill before them) is one op (embedding to logits); where the embedding, norm
+    or output is not of a kind the op knows, all blocks are one op; where the blocks are not all
+    FusedBlocks, each is one."""
     tokens = tokens_for(ODD)
     calls = []
     for name in ("decode_step", "decode_layers"):
@@ -77,24 +79,24 @@ def test_whole_step_one_op_for_all_blocks_and_one_op_a_block_agree(monkeypatch):
     model = build(ODD)
     assert type(model) is FusedTransformer
     whole = steps(model, tokens, [4, 7, 5])
-    assert calls == ["decode_step"] * STEPS
+    assert calls == ["decode_step"] * (1 + STEPS)
     calls.clear()
     model = build(ODD)
     model._step_fusable = False  # as for an embedding of another kind: the blocks in one op
     stack = steps(model, tokens, [4, 7, 5])
     torch.testing.assert_close(whole, stack, rtol=1e-5, atol=1e-5)  # the final norm: C++ against PyTorch
-    assert calls == ["decode_layers"] * STEPS
+    assert calls == ["decode_layers"] * (1 + STEPS)
     calls.clear()
     model = build(ODD)
     model._step_fusable = False
     model.layers._stack = cpu_decode.Stack([])  # as for a list not all FusedBlocks: each block's own op
     torch.testing.assert_close(steps(model, tokens, [4, 7, 5]), stack, rtol=0, atol=0)
-    assert calls == ["decode_layers"] * (STEPS * ODD.n_layers)
+    assert calls == ["decode_layers"] * ((1 + STEPS) * ODD.n_layers)
     calls.clear()
     model = build(ODD)
     model.layers[1] = build(ODD, prepared=False).layers[1]  # a plain TransformerBlock
     torch.testing.assert_close(steps(model, tokens, [4, 7, 5]), whole, rtol=1e-5, atol=2e-5)
-    assert calls == ["decode_layers"] * STEPS  # block 0's op; block 1 through PyTorch
+    assert calls == ["decode_layers"] * (1 + STEPS)  # block 0's op; block 1 through PyTorch
 
 
 @pytest.mark.parametrize("prompt_lens", [[5, 5, 5], [3, 9, 6]])
@@ -192,3 +194,61 @@ def test_layers_with_hooks_use_the_pytorch_forward():
         m.layers[1].attention.wo.register_forward_hook(lambda mod, inp, out: out + 1.0)
     torch.testing.assert_close(steps(model, tokens, [5, 5, 5]), steps(plain, tokens, [5, 5, 5]),
                                rtol=1e-5, atol=2e-5)
+
+
+def prefills(model: Transformer, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """Logits of a prefill of 9 tokens a row (all of them), then a second one of 5 tokens a row at
+    different positions (the last of rows 0 and 1 and the first of row 2): a chunked prompt that
+    attends to what the first wrote, and rows going back over positions they hold."""
+    with torch.inference_mode():
+        first = model(tokens[:, :9], 0)  # (3, 9, vocab)
+        start = torch.tensor([9, 4, 7])
+        chunk = tokens[:, 20:25]
+        second = model(chunk, start, logits_pos=torch.tensor([4, 4, 0]))  # (3, 1, vocab)
+    return [first, second]
+
+
+def test_prefill_is_one_op_equal_to_float64(monkeypatch):
+    """Prefills of up to PREFILL_MAX_TOKENS tokens run whole as one op, causal within the prefill,
+    at each row's positions, with the logits asked for; longer ones go through PyTorch's forward."""
+    tokens = tokens_for(ODD)
+    calls = []
+    op = cpu_decode.kernels.decode_step
+    monkeypatch.setattr(cpu_decode.kernels, "decode_step", lambda *a: calls.append(a[0].shape) or op(*a))
+    got = prefills(build(ODD), tokens)
+    assert calls == [(3, 9), (3, 5)]
+    want = prefills(build(ODD, torch.float64, prepared=False), tokens)
+    assert [g.shape for g in got] == [w.shape for w in want] == [(3, 9, ODD.vocab_size), (3, 1, ODD.vocab_size)]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w.float(), rtol=1e-5, atol=2e-5)
+    calls.clear()
+    monkeypatch.setattr(cpu_decode, "PREFILL_MAX_TOKENS", 26)  # the first prefill has 27 tokens
+    for g, w in zip(prefills(build(ODD), tokens), want):
+        torch.testing.assert_close(g, w.float(), rtol=1e-5, atol=2e-5)
+    assert calls == [(3, 5)]
+
+
+def test_prefill_through_the_blocks_op_and_gguf_q4_0(monkeypatch):
+    """All blocks in one op (decode_layers) for a prefill, and int4x8 (Q4_0) layers, against the
+    modules' own PyTorch forward."""
+    from llama.quant_layers import Int4Linear
+
+    tokens = tokens_for(ODD)
+    calls = []
+    op = cpu_decode.kernels.decode_layers
+    monkeypatch.setattr(cpu_decode.kernels, "decode_layers", lambda *a: calls.append(a[0].shape[:2]) or op(*a))
+    model = build(ODD)
+    model._step_fusable = False
+    got = prefills(model, tokens)
+    assert calls == [(3, 9), (3, 5)]
+    q4 = build(INT4, quantize="int4", prepared=False)
+    for child in q4.modules():
+        if isinstance(child, Int4Linear):
+            child.scales, child.zeros = child.scales.half(), child.zeros[:, :0].half()
+    prepare_for_device(q4)
+    q4_got = prefills(q4, tokens_for(INT4))
+    unfused(monkeypatch)
+    for g, w in zip(got, prefills(build(ODD), tokens)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=2e-5)
+    for g, w in zip(q4_got, prefills(q4, tokens_for(INT4))):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-4)

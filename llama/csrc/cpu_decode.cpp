@@ -1,7 +1,8 @@
-// The decoder blocks for one step of decoding, as one op: B rows of one new token each. The math of
-// llama.model.TransformerBlock (Meta's), in fp32, with each linear layer read once through
-// kernels.h. A step then costs one call instead of about thirty PyTorch ops a block, whose
-// dispatch, allocation and thread start-up cost more than the arithmetic on small models.
+// The decoder blocks as one op: B rows of S new tokens each (S = 1 a decoding step; S > 1 a
+// prefill). The math of llama.model.TransformerBlock (Meta's), in fp32, with each linear layer read
+// once through kernels.h. A step or a prefill then costs one call instead of about thirty PyTorch
+// ops a block, whose dispatch, allocation and thread start-up cost more than the arithmetic on
+// small models.
 #include "kernels.h"
 
 using namespace llama_kernels;
@@ -17,13 +18,15 @@ inline float get(const at::BFloat16* p, int64_t i) { return static_cast<float>(p
 // out (B, D) = x * rsqrt(mean(x^2) + eps) * w
 template <typename T>
 void rms_norm(const float* x, int64_t B, int64_t D, const T* w, double eps, float* out) {
-  for (int64_t b = 0; b < B; ++b) {
-    const float* xb = x + b * D;
-    double ss = 0.0;
-    for (int64_t k = 0; k < D; ++k) ss += (double)xb[k] * xb[k];
-    const float r = (float)(1.0 / std::sqrt(ss / D + eps));
-    for (int64_t k = 0; k < D; ++k) out[b * D + k] = xb[k] * r * get(w, k);
-  }
+  at::parallel_for(0, B, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b) {
+      const float* xb = x + b * D;
+      double ss = 0.0;
+      for (int64_t k = 0; k < D; ++k) ss += (double)xb[k] * xb[k];
+      const float r = (float)(1.0 / std::sqrt(ss / D + eps));
+      for (int64_t k = 0; k < D; ++k) out[b * D + k] = xb[k] * r * get(w, k);
+    }
+  });
 }
 
 void rms_norm(const float* x, int64_t B, int64_t D, const at::Tensor& w, double eps, float* out) {
@@ -37,10 +40,11 @@ void rms_norm(const float* x, int64_t B, int64_t D, const at::Tensor& w, double 
 
 // Rotate interleaved pairs of each head of x (B, heads * d) in place: out = x cos + swap(x) sin,
 // where swap exchanges the members of each pair and sin is signed (-sin, +sin) (llama.model.rope_tables).
-void rotate(float* x, int64_t B, int64_t heads, int64_t d, const float* cos, const float* sin, bool per_row) {
+// cos, sin: (B, d), one row for each row of x.
+void rotate(float* x, int64_t B, int64_t heads, int64_t d, const float* cos, const float* sin) {
   for (int64_t b = 0; b < B; ++b) {
-    const float* c = cos + (per_row ? b * d : 0);
-    const float* s = sin + (per_row ? b * d : 0);
+    const float* c = cos + b * d;
+    const float* s = sin + b * d;
     for (int64_t h = 0; h < heads; ++h) {
       float* v = x + (b * heads + h) * d;
       for (int64_t j = 0; j < d; j += 2) {
@@ -66,14 +70,16 @@ inline float dot(const float* q, const C* k, int64_t d) {
 }
 
 // Write k, v (B, kv_heads * d) at each row's position of the caches (maxB, kv_heads, T, d), then
-// attend: out (B, heads * d) from q (B, heads * d) over positions 0..pos[b] of row b.
+// attend: out (B, heads * d) from q (B, heads * d) over positions 0..pos[b] of row b. Row b is in
+// the cache's row b / S: a prefill's rows (S tokens of one cache row) are all written before any
+// attends, so each token sees itself and those before it.
 template <typename C>
-void attend(const float* q, const float* k, const float* v, int64_t B, int64_t heads, int64_t kv_heads,
+void attend(const float* q, const float* k, const float* v, int64_t B, int64_t S, int64_t heads, int64_t kv_heads,
             int64_t d, C* ck, C* cv, int64_t T, const int64_t* pos, float* out) {
   for (int64_t b = 0; b < B; ++b)
     for (int64_t g = 0; g < kv_heads; ++g)
       for (int64_t j = 0; j < d; ++j) {
-        const int64_t at = ((b * kv_heads + g) * T + pos[b]) * d + j;
+        const int64_t at = ((b / S * kv_heads + g) * T + pos[b]) * d + j;
         ck[at] = static_cast<C>(k[(b * kv_heads + g) * d + j]);
         cv[at] = static_cast<C>(v[(b * kv_heads + g) * d + j]);
       }
@@ -84,8 +90,8 @@ void attend(const float* q, const float* k, const float* v, int64_t B, int64_t h
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t b = i / heads, h = i % heads, n = pos[b] + 1;
       const float* qi = q + i * d;
-      const C* kb = ck + (b * kv_heads + h / rep) * T * d;
-      const C* vb = cv + (b * kv_heads + h / rep) * T * d;
+      const C* kb = ck + (b / S * kv_heads + h / rep) * T * d;
+      const C* vb = cv + (b / S * kv_heads + h / rep) * T * d;
       float top = -INFINITY, total = 0.f;
       for (int64_t t = 0; t < n; ++t) top = std::max(top, p[t] = dot(qi, kb + t * d, d) * scale);
       int64_t t = 0;
@@ -110,16 +116,17 @@ void attend(const float* q, const float* k, const float* v, int64_t B, int64_t h
   });
 }
 
-void attend(const float* q, const float* k, const float* v, int64_t B, int64_t heads, int64_t kv_heads,
+void attend(const float* q, const float* k, const float* v, int64_t B, int64_t S, int64_t heads, int64_t kv_heads,
             int64_t d, const at::Tensor& ck, const at::Tensor& cv, const int64_t* pos, float* out) {
   const int64_t T = ck.size(2);
   switch (ck.scalar_type()) {
     case at::kFloat:
-      attend(q, k, v, B, heads, kv_heads, d, ck.data_ptr<float>(), cv.data_ptr<float>(), T, pos, out); break;
+      attend(q, k, v, B, S, heads, kv_heads, d, ck.data_ptr<float>(), cv.data_ptr<float>(), T, pos, out); break;
     case at::kHalf:
-      attend(q, k, v, B, heads, kv_heads, d, ck.data_ptr<at::Half>(), cv.data_ptr<at::Half>(), T, pos, out); break;
+      attend(q, k, v, B, S, heads, kv_heads, d, ck.data_ptr<at::Half>(), cv.data_ptr<at::Half>(), T, pos, out);
+      break;
     case at::kBFloat16:
-      attend(q, k, v, B, heads, kv_heads, d, ck.data_ptr<at::BFloat16>(), cv.data_ptr<at::BFloat16>(), T, pos,
+      attend(q, k, v, B, S, heads, kv_heads, d, ck.data_ptr<at::BFloat16>(), cv.data_ptr<at::BFloat16>(), T, pos,
              out);
       break;
     default: TORCH_CHECK(false, "unsupported cache dtype ", ck.scalar_type());
@@ -133,17 +140,22 @@ inline float rounded(float v, at::ScalarType dtype) {
 
 // The residual stream is held in the model's dtype, as PyTorch's block holds it: h += y, rounded.
 void add_rounded(float* h, const float* y, int64_t n, at::ScalarType dtype) {
-  for (int64_t i = 0; i < n; ++i) h[i] = rounded(h[i] + y[i], dtype);
+  at::parallel_for(0, n, 16384, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) h[i] = rounded(h[i] + y[i], dtype);
+  });
 }
 
 // a = silu(a) * c = a / (1 + e^-a) * c
 void silu_mul(float* a, const float* c, int64_t n) {
-  int64_t i = 0;
-  for (; i + W <= n; i += W) {
-    const vf x = vload(a + i);
-    vstore(a + i, vmul(vdiv(x, vadd(vset1(1.0f), vexp(vmul(x, vset1(-1.0f))))), vload(c + i)));
-  }
-  for (; i < n; ++i) a[i] = a[i] / (1.0f + std::exp(-a[i])) * c[i];
+  at::parallel_for(0, (n + W - 1) / W, 1024, [&](int64_t lo, int64_t hi) {
+    int64_t i = lo * W;
+    const int64_t end = std::min(n, hi * W);
+    for (; i + W <= end; i += W) {
+      const vf x = vload(a + i);
+      vstore(a + i, vmul(vdiv(x, vadd(vset1(1.0f), vexp(vmul(x, vset1(-1.0f))))), vload(c + i)));
+    }
+    for (; i < end; ++i) a[i] = a[i] / (1.0f + std::exp(-a[i])) * c[i];
+  });
 }
 
 Weight weight_of(const std::vector<at::Tensor>& t, int64_t kind, int64_t group, int64_t i) {
@@ -157,11 +169,12 @@ Weight weight_of(const std::vector<at::Tensor>& t, int64_t kind, int64_t group, 
   return Weight{kind, N, K, group, w, t[3 * i + 1].contiguous(), t[3 * i + 2].contiguous()};
 }
 
-// The working vectors of a step: B rows of the residual stream h and of each intermediate.
+// The working vectors of a call: B rows (S tokens of each cache row) of the residual stream h and of
+// each intermediate.
 struct Step {
-  int64_t B, dim, heads, kv_heads, d, hidden;
-  const int64_t* pos;
-  std::vector<float> cos, sin;  // (1 or B, d): one rotary row for all rows, or one a row
+  int64_t B, S, dim, heads, kv_heads, d, hidden;
+  const int64_t* pos;           // (B,): each row's position
+  std::vector<float> cos, sin;  // (B, d): each row's rotary row
   at::ScalarType dtype;         // the residual stream's
   std::vector<float> h, xn, q, k, v, att, y, a, c;
 };
@@ -170,14 +183,13 @@ struct Step {
 void block(Step& s, const Weight* L, const at::Tensor& attention_norm, double attention_eps,
            const at::Tensor& ffn_norm, double ffn_eps, const at::Tensor& cache_k, const at::Tensor& cache_v) {
   const int64_t B = s.B;
-  const bool per_row = (int64_t)s.cos.size() > s.d;
   rms_norm(s.h.data(), B, s.dim, attention_norm, attention_eps, s.xn.data());
   apply(L[0], s.xn.data(), B, s.q.data());
   apply(L[1], s.xn.data(), B, s.k.data());
   apply(L[2], s.xn.data(), B, s.v.data());
-  rotate(s.q.data(), B, s.heads, s.d, s.cos.data(), s.sin.data(), per_row);
-  rotate(s.k.data(), B, s.kv_heads, s.d, s.cos.data(), s.sin.data(), per_row);
-  attend(s.q.data(), s.k.data(), s.v.data(), B, s.heads, s.kv_heads, s.d, cache_k, cache_v, s.pos, s.att.data());
+  rotate(s.q.data(), B, s.heads, s.d, s.cos.data(), s.sin.data());
+  rotate(s.k.data(), B, s.kv_heads, s.d, s.cos.data(), s.sin.data());
+  attend(s.q.data(), s.k.data(), s.v.data(), B, s.S, s.heads, s.kv_heads, s.d, cache_k, cache_v, s.pos, s.att.data());
   apply(L[3], s.att.data(), B, s.y.data());
   add_rounded(s.h.data(), s.y.data(), B * s.dim, s.dtype);
 
@@ -189,8 +201,9 @@ void block(Step& s, const Weight* L, const at::Tensor& attention_norm, double at
   add_rounded(s.h.data(), s.y.data(), B * s.dim, s.dtype);
 }
 
-// The blocks' weights, checked, and a Step for B rows of dim at positions pos, its vectors sized.
-std::vector<Weight> blocks_of(Step& s, int64_t B, int64_t dim, const std::vector<at::Tensor>& weights,
+// The blocks' weights, checked, and a Step for B rows of dim, S a cache row, at positions pos, its
+// vectors sized.
+std::vector<Weight> blocks_of(Step& s, int64_t B, int64_t S, int64_t dim, const std::vector<at::Tensor>& weights,
                               at::IntArrayRef kinds, at::IntArrayRef groups, const std::vector<at::Tensor>& norms,
                               at::ArrayRef<double> eps, at::TensorList cache_k, at::TensorList cache_v,
                               const at::Tensor& pos, int64_t n_heads) {
@@ -204,9 +217,9 @@ std::vector<Weight> blocks_of(Step& s, int64_t B, int64_t dim, const std::vector
   for (int64_t l = 0; l < n; ++l)
     TORCH_CHECK(cache_k[l].is_contiguous() && cache_v[l].is_contiguous() && cache_k[l].dim() == 4 &&
                 cache_k[l].sizes() == cache_v[l].sizes() && cache_k[l].sizes() == cache_k[0].sizes() &&
-                B <= cache_k[l].size(0), "bad caches");
+                B / S <= cache_k[l].size(0), "bad caches");
   TORCH_CHECK(pos.scalar_type() == at::kLong && pos.is_contiguous() && pos.numel() == B, "pos must be (B,)");
-  s.B = B, s.dim = dim, s.heads = n_heads, s.kv_heads = cache_k[0].size(1), s.d = cache_k[0].size(3);
+  s.B = B, s.S = S, s.dim = dim, s.heads = n_heads, s.kv_heads = cache_k[0].size(1), s.d = cache_k[0].size(3);
   s.hidden = L[4].N, s.pos = pos.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(s.pos[b] >= 0 && s.pos[b] < cache_k[0].size(2), "position out of the cache");
@@ -264,68 +277,83 @@ void embed(const int64_t* tokens, int64_t B, int64_t dim, const std::vector<at::
 
 }  // namespace
 
-// x (B, 1, dim) -> (B, 1, dim), x's dtype: n consecutive decoder blocks. weights: (weight, scales,
-// zeros) of each block's wq, wk, wv, wo, w1, w2, w3 (empty tensors where a layer has none), 21 a
-// block, of kinds (kernels.h) and group sizes (7 a block); norms and eps: each block's attention_norm
-// and ffn_norm; caches (maxB, kv_heads, T, head_dim), one a block, written at pos (B,) (integers);
-// cos, sin (1 or B rows of head_dim, any leading shape). The stream goes from block to block in
-// fp32, rounded to x's dtype after each addition as PyTorch's blocks hold it, so one call of n
-// blocks equals n calls of one.
+// x (B, S, dim) -> (B, S, dim), x's dtype: n consecutive decoder blocks for S new tokens of each of B
+// rows. weights: (weight, scales, zeros) of each block's wq, wk, wv, wo, w1, w2, w3 (empty tensors
+// where a layer has none), 21 a block, of kinds (kernels.h) and group sizes (7 a block); norms and
+// eps: each block's attention_norm and ffn_norm; caches (maxB, kv_heads, T, head_dim), one a block,
+// written at pos (B, S) (integers, each token's position); cos, sin (head_dim wide: one row for all
+// tokens, one a token position (S), or one a token (B * S), any leading shape). The stream goes from
+// block to block in fp32, rounded to x's dtype after each addition as PyTorch's blocks hold it, so one
+// call of n blocks equals n calls of one.
 at::Tensor decode_layers(const at::Tensor& x, const std::vector<at::Tensor>& weights, at::IntArrayRef kinds,
                          at::IntArrayRef groups, const std::vector<at::Tensor>& norms, at::ArrayRef<double> eps,
                          at::TensorList cache_k, at::TensorList cache_v, const at::Tensor& pos,
                          const at::Tensor& cos, const at::Tensor& sin, int64_t n_heads) {
-  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, "decode_layers takes one token a row");
-  const int64_t B = x.size(0), dim = x.size(-1);
+  TORCH_CHECK(x.dim() == 3, "decode_layers takes x of shape (B, S, dim)");
+  const int64_t S = x.size(1), rows = x.size(0) * S, dim = x.size(-1);
   Step s;
-  at::Tensor posc = pos.reshape({-1}).to(at::kLong).contiguous();  // (B,)
+  at::Tensor posc = pos.reshape({-1}).to(at::kLong).contiguous();  // (B * S,)
   const std::vector<Weight> L =
-      blocks_of(s, B, dim, weights, kinds, groups, norms, eps, cache_k, cache_v, posc, n_heads);
+      blocks_of(s, rows, S, dim, weights, kinds, groups, norms, eps, cache_k, cache_v, posc, n_heads);
   s.dtype = x.scalar_type();
-  at::Tensor cf = cos.to(at::kFloat).reshape({-1, s.d}).contiguous();  // (1 or B, d)
+  at::Tensor cf = cos.to(at::kFloat).reshape({-1, s.d}).contiguous();  // (1, S or B * S, d)
   at::Tensor sf = sin.to(at::kFloat).reshape({-1, s.d}).contiguous();
-  s.cos.assign(cf.data_ptr<float>(), cf.data_ptr<float>() + cf.numel());
-  s.sin.assign(sf.data_ptr<float>(), sf.data_ptr<float>() + sf.numel());
-  at::Tensor xf = x.reshape({B, dim}).to(at::kFloat).contiguous();  // (B, dim)
-  std::copy(xf.data_ptr<float>(), xf.data_ptr<float>() + B * dim, s.h.begin());
+  const int64_t R = cf.size(0);
+  TORCH_CHECK(sf.size(0) == R && (R == 1 || R == S || R == rows), "cos and sin need 1, S or B * S rows");
+  s.cos.resize(rows * s.d), s.sin.resize(rows * s.d);
+  for (int64_t b = 0; b < rows; ++b) {  // row b's rotary row: b % R is 0, its position's, or its own
+    floats(cf, b % R * s.d, s.d, s.cos.data() + b * s.d);
+    floats(sf, b % R * s.d, s.d, s.sin.data() + b * s.d);
+  }
+  at::Tensor xf = x.reshape({rows, dim}).to(at::kFloat).contiguous();  // (B * S, dim)
+  std::copy(xf.data_ptr<float>(), xf.data_ptr<float>() + rows * dim, s.h.begin());
   run_blocks(s, L, norms, eps, cache_k, cache_v);
-  return at::from_blob(s.h.data(), {B, 1, dim}, at::kFloat).to(x.scalar_type(), false, true);
+  return at::from_blob(s.h.data(), x.sizes(), at::kFloat).to(x.scalar_type(), false, true);
 }
 
-// A whole decoding step of a Transformer: tokens (B,) at pos (B,) -> logits (B, vocab) fp32.
-// embedding: (weight, scales, zeros) of the table (see embed); the blocks as for decode_layers; rope
-// (2, T, head_dim): the model's cos and signed sin tables; norm, norm_eps and output (weight, scales,
-// zeros, of output_kind and output_group): the final norm and projection. dtype: the residual stream's.
+// A whole Transformer forward: tokens (B, S) at pos (B, S) -> logits (len(logits_rows), vocab) fp32
+// of the tokens logits_rows (indices into the B * S tokens, row-major). embedding: (weight, scales,
+// zeros) of the table (see embed); the blocks as for decode_layers; rope (2, T, head_dim): the
+// model's cos and signed sin tables; norm, norm_eps and output (weight, scales, zeros, of output_kind
+// and output_group): the final norm and projection. dtype: the residual stream's.
 at::Tensor decode_step(const at::Tensor& tokens, const std::vector<at::Tensor>& embedding, int64_t embedding_group,
                        const std::vector<at::Tensor>& weights, at::IntArrayRef kinds, at::IntArrayRef groups,
                        const std::vector<at::Tensor>& norms, at::ArrayRef<double> eps, at::TensorList cache_k,
                        at::TensorList cache_v, const at::Tensor& pos, const at::Tensor& rope, int64_t n_heads,
                        const at::Tensor& norm, double norm_eps, const std::vector<at::Tensor>& output,
-                       int64_t output_kind, int64_t output_group, at::ScalarType dtype) {
-  TORCH_CHECK(!at::isFloatingType(tokens.scalar_type()), "tokens must be integers");
+                       int64_t output_kind, int64_t output_group, at::ScalarType dtype,
+                       const at::Tensor& logits_rows) {
+  TORCH_CHECK(!at::isFloatingType(tokens.scalar_type()) && tokens.dim() == 2, "tokens must be integers (B, S)");
   TORCH_CHECK(embedding.size() == 3 && output.size() == 3, "embedding and output are (weight, scales, zeros)");
-  const at::Tensor tok = tokens.reshape({-1}).to(at::kLong).contiguous();  // (B,)
-  const int64_t B = tok.size(0), dim = norm.numel();
+  const at::Tensor tok = tokens.reshape({-1}).to(at::kLong).contiguous();  // (B * S,)
+  const int64_t S = tokens.size(1), rows = tok.size(0), dim = norm.numel();
   Step s;
-  at::Tensor posc = pos.reshape({-1}).to(at::kLong).contiguous();  // (B,)
+  at::Tensor posc = pos.reshape({-1}).to(at::kLong).contiguous();  // (B * S,)
   const std::vector<Weight> L =
-      blocks_of(s, B, dim, weights, kinds, groups, norms, eps, cache_k, cache_v, posc, n_heads);
+      blocks_of(s, rows, S, dim, weights, kinds, groups, norms, eps, cache_k, cache_v, posc, n_heads);
   s.dtype = dtype;
   TORCH_CHECK(rope.dim() == 3 && rope.size(0) == 2 && rope.size(2) == s.d && rope.is_contiguous(), "bad rope tables");
   const int64_t T = rope.size(1), d = s.d;
-  s.cos.resize(B * d), s.sin.resize(B * d);
-  for (int64_t b = 0; b < B; ++b) {
+  s.cos.resize(rows * d), s.sin.resize(rows * d);
+  for (int64_t b = 0; b < rows; ++b) {
     TORCH_CHECK(s.pos[b] < T, "position out of the rope tables");
     floats(rope, s.pos[b] * d, d, s.cos.data() + b * d);
     floats(rope, (T + s.pos[b]) * d, d, s.sin.data() + b * d);
   }
-  embed(tok.data_ptr<int64_t>(), B, dim, embedding, embedding_group, dtype, s.h.data());
+  const at::Tensor picked = logits_rows.reshape({-1}).to(at::kLong).contiguous();  // (n,)
+  const int64_t n = picked.numel();
+  TORCH_CHECK(n <= rows, "more logits rows than tokens");
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(picked.data_ptr<int64_t>()[i] >= 0 && picked.data_ptr<int64_t>()[i] < rows, "logits row out of range");
+  embed(tok.data_ptr<int64_t>(), rows, dim, embedding, embedding_group, dtype, s.h.data());
   run_blocks(s, L, norms, eps, cache_k, cache_v);
   const Weight head = weight_of(output, output_kind, output_group, 0);
   TORCH_CHECK(head.K == dim, "the output layer takes ", head.K, " features, not ", dim);
-  rms_norm(s.h.data(), B, dim, norm, norm_eps, s.xn.data());
-  at::Tensor logits = at::empty({B, head.N}, at::kFloat);
-  apply(head, s.xn.data(), B, logits.data_ptr<float>());
+  for (int64_t i = 0; i < n; ++i)  // (n, dim): the picked rows
+    std::copy_n(s.h.data() + picked.data_ptr<int64_t>()[i] * dim, dim, s.y.data() + i * dim);
+  rms_norm(s.y.data(), n, dim, norm, norm_eps, s.xn.data());
+  at::Tensor logits = at::empty({n, head.N}, at::kFloat);
+  apply(head, s.xn.data(), n, logits.data_ptr<float>());
   return logits;
 }
 
@@ -335,7 +363,7 @@ TORCH_LIBRARY_FRAGMENT(llama_cpu, m) {
   m.def("decode_step(Tensor tokens, Tensor[] embedding, int embedding_group, Tensor[] weights, int[] kinds, "
         "int[] groups, Tensor[] norms, float[] eps, Tensor(a!)[] cache_k, Tensor(b!)[] cache_v, Tensor pos, "
         "Tensor rope, int n_heads, Tensor norm, float norm_eps, Tensor[] output, int output_kind, "
-        "int output_group, ScalarType dtype) -> Tensor");
+        "int output_group, ScalarType dtype, Tensor logits_rows) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(llama_cpu, CPU, m) {
   m.impl("decode_layers", &decode_layers);
