@@ -69,10 +69,58 @@ inline float dot(const float* q, const C* k, int64_t d) {
   return t;
 }
 
+// p[t] = q . k[t] * scale for t < n (keys d apart); returns the largest. Four keys a pass, each
+// its own chain of multiply-adds; each key's sum in dot's order.
+template <typename C>
+inline float scores(const float* q, const C* k, int64_t n, int64_t d, float scale, float* p) {
+  float top = -INFINITY;
+  const int64_t dv = d / W * W;
+  int64_t t = 0;
+  for (; t + 4 <= n; t += 4) {
+    vf a[4] = {vzero(), vzero(), vzero(), vzero()};
+    for (int64_t j = 0; j < dv; j += W) {
+      const vf qv = vload(q + j);
+      for (int u = 0; u < 4; ++u) a[u] = vfma(qv, load_w(k + (t + u) * d + j), a[u]);
+    }
+    for (int u = 0; u < 4; ++u) {
+      float sum = dv ? vsum(a[u]) : 0.f;
+      for (int64_t j = dv; j < d; ++j) sum += q[j] * get(k + (t + u) * d, j);
+      top = std::max(top, p[t + u] = sum * scale);
+    }
+  }
+  for (; t < n; ++t) top = std::max(top, p[t] = dot(q, k + t * d, d) * scale);
+  return top;
+}
+
+// out (d) = sum of p[t] v[t] for t < n (values d apart), 4 vectors of out a pass held in registers.
+template <typename C>
+inline void weighted_sum(const float* p, const C* v, int64_t n, int64_t d, float* out) {
+  int64_t j = 0;
+  for (; j + 4 * W <= d; j += 4 * W) {
+    vf a[4] = {vzero(), vzero(), vzero(), vzero()};
+    for (int64_t t = 0; t < n; ++t) {
+      const vf pt = vset1(p[t]);
+      for (int u = 0; u < 4; ++u) a[u] = vfma(pt, load_w(v + t * d + j + u * W), a[u]);
+    }
+    for (int u = 0; u < 4; ++u) vstore(out + j + u * W, a[u]);
+  }
+  for (; j + W <= d; j += W) {
+    vf a = vzero();
+    for (int64_t t = 0; t < n; ++t) a = vfma(vset1(p[t]), load_w(v + t * d + j), a);
+    vstore(out + j, a);
+  }
+  for (; j < d; ++j) {
+    float sum = 0.f;
+    for (int64_t t = 0; t < n; ++t) sum += p[t] * get(v + t * d, j);
+    out[j] = sum;
+  }
+}
+
 // Write k, v (B, kv_heads * d) at each row's position of the caches (maxB, kv_heads, T, d), then
 // attend: out (B, heads * d) from q (B, heads * d) over positions 0..pos[b] of row b. Row b is in
 // the cache's row b / S: a prefill's rows (S tokens of one cache row) are all written before any
-// attends, so each token sees itself and those before it.
+// attends, so each token sees itself and those before it. The threads take (row, head) pairs as they
+// finish, since a prefill's later rows attend to more positions.
 template <typename C>
 void attend(const float* q, const float* k, const float* v, int64_t B, int64_t S, int64_t heads, int64_t kv_heads,
             int64_t d, C* ck, C* cv, int64_t T, const int64_t* pos, float* out) {
@@ -85,15 +133,12 @@ void attend(const float* q, const float* k, const float* v, int64_t B, int64_t S
       }
   const int64_t rep = heads / kv_heads;
   const float scale = 1.0f / std::sqrt((float)d);
-  at::parallel_for(0, B * heads, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> p(T), acc(d);
+  parallel_chunks(B * heads, 8, [&](int64_t lo, int64_t hi) {
+    std::vector<float> p(T);
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t b = i / heads, h = i % heads, n = pos[b] + 1;
-      const float* qi = q + i * d;
-      const C* kb = ck + (b / S * kv_heads + h / rep) * T * d;
-      const C* vb = cv + (b / S * kv_heads + h / rep) * T * d;
-      float top = -INFINITY, total = 0.f;
-      for (int64_t t = 0; t < n; ++t) top = std::max(top, p[t] = dot(qi, kb + t * d, d) * scale);
+      const int64_t cache_row = (b / S * kv_heads + h / rep) * T * d;
+      const float top = scores(q + i * d, ck + cache_row, n, d, scale, p.data());
       int64_t t = 0;
       vf sum = vzero();
       for (; t + W <= n; t += W) {
@@ -101,17 +146,11 @@ void attend(const float* q, const float* k, const float* v, int64_t B, int64_t S
         vstore(p.data() + t, e);
         sum = vadd(sum, e);
       }
-      total = vsum(sum);
+      float total = vsum(sum);
       for (; t < n; ++t) total += p[t] = std::exp(p[t] - top);
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < n; ++t) {
-        const float pt = p[t] / total;
-        const C* vt = vb + t * d;
-        int64_t j = 0;
-        for (; j + W <= d; j += W) vstore(acc.data() + j, vfma(vset1(pt), load_w(vt + j), vload(acc.data() + j)));
-        for (; j < d; ++j) acc[j] += pt * get(vt, j);
-      }
-      std::copy(acc.begin(), acc.end(), out + i * d);
+      const float inv = 1.0f / total;
+      for (t = 0; t < n; ++t) p[t] *= inv;
+      weighted_sum(p.data(), cv + cache_row, n, d, out + i * d);
     }
   });
 }
