@@ -69,58 +69,124 @@ inline float dot(const float* q, const C* k, int64_t d) {
   return t;
 }
 
-// p[t] = q . k[t] * scale for t < n (keys d apart); returns the largest. Four keys a pass, each
-// its own chain of multiply-adds; each key's sum in dot's order.
-template <typename C>
-inline float scores(const float* q, const C* k, int64_t n, int64_t d, float scale, float* p) {
-  float top = -INFINITY;
-  const int64_t dv = d / W * W;
-  int64_t t = 0;
-  for (; t + 4 <= n; t += 4) {
-    vf a[4] = {vzero(), vzero(), vzero(), vzero()};
-    for (int64_t j = 0; j < dv; j += W) {
-      const vf qv = vload(q + j);
-      for (int u = 0; u < 4; ++u) a[u] = vfma(qv, load_w(k + (t + u) * d + j), a[u]);
-    }
-    for (int u = 0; u < 4; ++u) {
-      float sum = dv ? vsum(a[u]) : 0.f;
-      for (int64_t j = dv; j < d; ++j) sum += q[j] * get(k + (t + u) * d, j);
-      top = std::max(top, p[t + u] = sum * scale);
-    }
-  }
-  for (; t < n; ++t) top = std::max(top, p[t] = dot(q, k + t * d, d) * scale);
-  return top;
+// out[i] = the sum of a[i]'s lanes, for 8 vectors at once.
+inline void hsum8(const vf* a, float* out) {
+#if defined(LLAMA_AVX512)
+  __m256 h[8];
+  for (int i = 0; i < 8; ++i) h[i] = _mm256_add_ps(_mm512_castps512_ps256(a[i]), _mm512_extractf32x8_ps(a[i], 1));
+#else
+  const __m256* h = a;
+#endif
+  // g0 = a0..a3's sums of lanes 0-3, then of lanes 4-7; g1 likewise for a4..a7
+  const __m256 g0 = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+  const __m256 g1 = _mm256_hadd_ps(_mm256_hadd_ps(h[4], h[5]), _mm256_hadd_ps(h[6], h[7]));
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(g0, g1, 0x20), _mm256_permute2f128_ps(g0, g1, 0x31)));
 }
 
-// out (d) = sum of p[t] v[t] for t < n (values d apart), 4 vectors of out a pass held in registers.
-template <typename C>
-inline void weighted_sum(const float* p, const C* v, int64_t n, int64_t d, float* out) {
-  int64_t j = 0;
-  for (; j + 4 * W <= d; j += 4 * W) {
-    vf a[4] = {vzero(), vzero(), vzero(), vzero()};
-    for (int64_t t = 0; t < n; ++t) {
-      const vf pt = vset1(p[t]);
-      for (int u = 0; u < 4; ++u) a[u] = vfma(pt, load_w(v + t * d + j + u * W), a[u]);
+// p[i][t] = q_i . k[t] * scale for t < n (keys d apart), Q queries and 8 / Q keys a pass: each key
+// vector read serves all Q, and the 8 sums of a pass are reduced together.
+template <typename C, int Q>
+inline void scores(const float* const* q, const C* k, int64_t n, int64_t d, float scale, float* p, int64_t T) {
+  constexpr int KT = 8 / Q;
+  const int64_t dv = d / W * W;
+  int64_t t = 0;
+  for (; t + KT <= n; t += KT) {
+    vf a[8];
+    for (int u = 0; u < 8; ++u) a[u] = vzero();
+    for (int64_t j = 0; j < dv; j += W)
+      for (int i = 0; i < Q; ++i) {
+        const vf qv = vload(q[i] + j);
+        for (int u = 0; u < KT; ++u) a[i * KT + u] = vfma(qv, load_w(k + (t + u) * d + j), a[i * KT + u]);
+      }
+    float sums[8];
+    hsum8(a, sums);
+    for (int i = 0; i < Q; ++i)
+      for (int u = 0; u < KT; ++u) {
+        float sum = sums[i * KT + u];
+        for (int64_t j = dv; j < d; ++j) sum += q[i][j] * get(k + (t + u) * d, j);
+        p[i * T + t + u] = sum * scale;
+      }
+  }
+  for (; t < n; ++t)
+    for (int i = 0; i < Q; ++i) p[i * T + t] = dot(q[i], k + t * d, d) * scale;
+}
+
+// p[0..n) = softmax(p[0..n)), in place.
+inline void softmax(float* p, int64_t n) {
+  const int64_t nv = n / W * W;
+  vf most = vset1(-INFINITY);
+  for (int64_t t = 0; t < nv; t += W) most = vmax(most, vload(p + t));
+  float top = -INFINITY;
+  for (int64_t t = nv; t < n; ++t) top = std::max(top, p[t]);
+  if (nv) {
+    alignas(64) float lanes[W];
+    vstore(lanes, most);
+    for (int i = 0; i < W; ++i) top = std::max(top, lanes[i]);
+  }
+  int64_t t = 0;
+  vf sum = vzero();
+  for (; t + W <= n; t += W) {
+    const vf e = vexp(vadd(vload(p + t), vset1(-top)));
+    vstore(p + t, e);
+    sum = vadd(sum, e);
+  }
+  float total = vsum(sum);
+  for (; t < n; ++t) total += p[t] = std::exp(p[t] - top);
+  const float inv = 1.0f / total;
+  for (t = 0; t < nv; t += W) vstore(p + t, vmul(vload(p + t), vset1(inv)));
+  for (; t < n; ++t) p[t] *= inv;
+}
+
+// out[i][j..j + V W) = sum over t < n of p[i][t] v[t][j..] (values d apart) for Q rows: Q * V sums
+// held in registers, each value vector read serving all Q.
+template <typename C, int Q, int V>
+inline void weighted_slice(const float* p, int64_t T, const C* v, int64_t n, int64_t d, int64_t j, float* const* out) {
+  vf a[Q][V];
+  for (int i = 0; i < Q; ++i)
+    for (int u = 0; u < V; ++u) a[i][u] = vzero();
+  for (int64_t t = 0; t < n; ++t) {
+    vf vv[V];
+    for (int u = 0; u < V; ++u) vv[u] = load_w(v + t * d + j + u * W);
+    for (int i = 0; i < Q; ++i) {
+      const vf pt = vset1(p[i * T + t]);
+      for (int u = 0; u < V; ++u) a[i][u] = vfma(pt, vv[u], a[i][u]);
     }
-    for (int u = 0; u < 4; ++u) vstore(out + j + u * W, a[u]);
   }
-  for (; j + W <= d; j += W) {
-    vf a = vzero();
-    for (int64_t t = 0; t < n; ++t) a = vfma(vset1(p[t]), load_w(v + t * d + j), a);
-    vstore(out + j, a);
+  for (int i = 0; i < Q; ++i)
+    for (int u = 0; u < V; ++u) vstore(out[i] + j + u * W, a[i][u]);
+}
+
+// Attention of Q query rows of one head at once (row i over keys 0..n[i]-1 of the head's cache
+// rows k, v), so that each key and value read from the cache serves all Q: a prefill's 4
+// neighbouring tokens, or one decoding row. Weights past a row's own keys are 0. p: (Q, T) scratch.
+template <typename C, int Q>
+void attend_rows(const float* const* q, const int64_t* n, const C* k, const C* v, int64_t d, float scale, float* p,
+                 int64_t T, float* const* out) {
+  int64_t most = 0;
+  for (int i = 0; i < Q; ++i) most = std::max(most, n[i]);
+  scores<C, Q>(q, k, most, d, scale, p, T);
+  for (int i = 0; i < Q; ++i) {
+    softmax(p + i * T, n[i]);
+    std::fill(p + i * T + n[i], p + i * T + most, 0.f);
   }
-  for (; j < d; ++j) {
-    float sum = 0.f;
-    for (int64_t t = 0; t < n; ++t) sum += p[t] * get(v + t * d, j);
-    out[j] = sum;
-  }
+  constexpr int V = 8 / Q;  // Q * V = 8 sums in registers, enough to hide the multiply-adds' latency
+  int64_t j = 0;
+  for (; j + V * W <= d; j += V * W) weighted_slice<C, Q, V>(p, T, v, most, d, j, out);
+  for (; j + W <= d; j += W) weighted_slice<C, Q, 1>(p, T, v, most, d, j, out);
+  for (; j < d; ++j)
+    for (int i = 0; i < Q; ++i) {
+      float sum = 0.f;
+      for (int64_t t = 0; t < most; ++t) sum += p[i * T + t] * get(v + t * d, j);
+      out[i][j] = sum;
+    }
 }
 
 // Write k, v (B, kv_heads * d) at each row's position of the caches (maxB, kv_heads, T, d), then
 // attend: out (B, heads * d) from q (B, heads * d) over positions 0..pos[b] of row b. Row b is in
 // the cache's row b / S: a prefill's rows (S tokens of one cache row) are all written before any
-// attends, so each token sees itself and those before it. The threads take (row, head) pairs as they
-// finish, since a prefill's later rows attend to more positions.
+// attends, so each token sees itself and those before it. A prefill's tokens attend 4 at a time
+// (attend_rows). The threads take (tokens, head) items as they finish, since a prefill's later
+// tokens attend to more positions.
 template <typename C>
 void attend(const float* q, const float* k, const float* v, int64_t B, int64_t S, int64_t heads, int64_t kv_heads,
             int64_t d, C* ck, C* cv, int64_t T, const int64_t* pos, float* out) {
@@ -131,26 +197,24 @@ void attend(const float* q, const float* k, const float* v, int64_t B, int64_t S
         ck[at] = static_cast<C>(k[(b * kv_heads + g) * d + j]);
         cv[at] = static_cast<C>(v[(b * kv_heads + g) * d + j]);
       }
-  const int64_t rep = heads / kv_heads;
+  constexpr int Q = 4;
+  const int64_t rep = heads / kv_heads, tiles = (S + Q - 1) / Q;  // tiles of Q tokens a cache row
   const float scale = 1.0f / std::sqrt((float)d);
-  parallel_chunks(B * heads, 8, [&](int64_t lo, int64_t hi) {
-    std::vector<float> p(T);
-    for (int64_t i = lo; i < hi; ++i) {
-      const int64_t b = i / heads, h = i % heads, n = pos[b] + 1;
-      const int64_t cache_row = (b / S * kv_heads + h / rep) * T * d;
-      const float top = scores(q + i * d, ck + cache_row, n, d, scale, p.data());
-      int64_t t = 0;
-      vf sum = vzero();
-      for (; t + W <= n; t += W) {
-        const vf e = vexp(vadd(vload(p.data() + t), vset1(-top)));
-        vstore(p.data() + t, e);
-        sum = vadd(sum, e);
-      }
-      float total = vsum(sum);
-      for (; t < n; ++t) total += p[t] = std::exp(p[t] - top);
-      const float inv = 1.0f / total;
-      for (t = 0; t < n; ++t) p[t] *= inv;
-      weighted_sum(p.data(), cv + cache_row, n, d, out + i * d);
+  parallel_chunks(B / S * tiles * heads, 8, [&](int64_t lo, int64_t hi) {
+    std::vector<float> p(Q * T);
+    for (int64_t item = lo; item < hi; ++item) {
+      const int64_t h = item % heads, tile = item / heads % tiles, slot = item / heads / tiles;
+      const int64_t b0 = slot * S + tile * Q, rows = std::min<int64_t>(Q, S - tile * Q);
+      const int64_t cache_row = (slot * kv_heads + h / rep) * T * d;
+      const float* qs[Q];
+      float* outs[Q];
+      int64_t n[Q];
+      for (int64_t i = 0; i < rows; ++i)
+        qs[i] = q + ((b0 + i) * heads + h) * d, outs[i] = out + ((b0 + i) * heads + h) * d, n[i] = pos[b0 + i] + 1;
+      if (rows == Q) attend_rows<C, Q>(qs, n, ck + cache_row, cv + cache_row, d, scale, p.data(), T, outs);
+      else
+        for (int64_t i = 0; i < rows; ++i)
+          attend_rows<C, 1>(qs + i, n + i, ck + cache_row, cv + cache_row, d, scale, p.data(), T, outs + i);
     }
   });
 }
