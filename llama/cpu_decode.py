@@ -29,8 +29,9 @@ from llama.quant_layers import Int4Embedding
 KINDS = {DenseLinear: 0, KernelInt8Linear: 1, KernelInt4Linear: 2, AtenInt4Linear: 3, KernelInt4x8Linear: 4}
 NO_TENSOR = torch.empty(0)
 MAX_ROWS = DenseLinear.KERNEL_MAX_TOKENS  # rows a step: the kernels read each weight once for all
-# Tokens of a prefill in one op. Its attention has no tiles, so PyTorch's catches up on long prompts:
-# 110M q4_0 (2 cores), 512 tokens 738 and 827 ms against 790 and 918; 1024: 1841 and 2128 against 1915 and 2033.
+# Tokens of a prefill in one op. Its attention reads every key for each 4 tokens (PyTorch's tiles the
+# keys too), so PyTorch's forward catches up on long prompts: 110M q4_0 (2 cores, before the 4-token
+# attention), 512 tokens 738 and 827 ms against 790 and 918; 1024: 1841 and 2128 against 1915 and 2033.
 PREFILL_MAX_TOKENS = 512
 
 
